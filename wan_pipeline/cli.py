@@ -1,0 +1,46 @@
+"""`wan-bench` command line: one subcommand per job, each module owning its own arguments.
+
+Subcommand modules are imported only when their command runs (and for --help), so `wan-bench compare` and
+`wan-bench metrics` start without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import WanBenchError
+
+# name -> (module, one-line help). Each module provides configure_parser(parser) and run_cli(args) -> int.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("wan_pipeline.cli_run", "print the plan of a preset or workflow (sigmas, passes, shapes)"),
+    "run": ("wan_pipeline.cli_run", "run one generation and write the video and its result record"),
+}
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wan-bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if only is None or only == name:
+            module = importlib.import_module(module_name)
+            getattr(module, f"configure_{name}_parser")(p)
+            p.set_defaults(_module=module_name, _handler=f"run_{name}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in SUBCOMMANDS else None)
+    args = parser.parse_args(argv)
+    handler = getattr(importlib.import_module(args._module), args._handler)
+    try:
+        return int(handler(args) or 0)
+    except WanBenchError as exc:
+        print(f"wan-bench {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
