@@ -3,12 +3,13 @@
 When the package is not installed (a plain checkout), load the plugin from the source tree instead.
 """
 
-try:
-    import importlib.metadata as _md
+import importlib.metadata
+import importlib.util
 
-    _registered = any(ep.value == "wan_pipeline.pytest_plugin" for ep in _md.entry_points(group="pytest11"))
-except Exception:  # pragma: no cover - metadata unavailable
-    _registered = False
 
-if not _registered:
+def _entry_point_registered() -> bool:
+    return any(ep.value == "wan_pipeline.pytest_plugin" for ep in importlib.metadata.entry_points(group="pytest11"))
+
+
+if not _entry_point_registered() and importlib.util.find_spec("wan_pipeline.pytest_plugin") is not None:
     pytest_plugins = ["wan_pipeline.pytest_plugin"]
