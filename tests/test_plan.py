@@ -1,0 +1,117 @@
+"""Plans of the presets: shapes, tokens, forwards, hand-over; and the configuration rules."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from wan_pipeline.config import ConfigError
+from wan_pipeline.plan import make_plan, tiny_geometry, token_count
+from wan_pipeline.presets import DEFAULT_MATRIX, PRESETS, get_preset
+
+
+def test_seed_preset_plan_matches_reference():
+    plan = make_plan(get_preset("seed-832x1216-49f"), "synthetic")
+    assert (plan.width, plan.height, plan.frames, plan.latent_frames) == (832, 1216, 49, 13)
+    assert plan.latent_shape == (1, 16, 13, 152, 104)
+    assert plan.tokens == 51376
+    p1, p2 = plan.passes
+    assert list(p1.sigmas) == pytest.approx([1.0, 0.9375, 0.8333333], abs=1e-7)
+    assert list(p2.sigmas) == pytest.approx([0.85714287, 0.6666667, 0.0], abs=1e-7)
+    assert list(p1.timesteps) == pytest.approx([1000.0, 937.5], abs=1e-4)
+    assert list(p2.timesteps) == pytest.approx([857.14287, 666.6667], abs=1e-3)
+    assert (p1.forwards, p2.forwards, plan.forwards) == (2, 2, 4)
+    assert plan.handover_scale == pytest.approx(0.857143, abs=1e-6)
+
+
+@pytest.mark.parametrize("name, frames, tokens", [
+    ("seed-832x1216-81f", 81, 82992),
+    ("seed-832x1216-161f", 161, 162032),
+    ("template-640x640-81f-4step", 81, 33600),
+])
+def test_token_counts(name, frames, tokens):
+    plan = make_plan(get_preset(name), "synthetic")
+    assert plan.frames == frames and plan.tokens == tokens
+
+
+@pytest.mark.parametrize("name, forwards", [
+    ("seed-832x1216-49f-cfg3.5", 8),
+    ("seed-832x1216-49f-cfg7.0", 8),
+    ("template-640x640-81f-20step", 40),
+    ("template-640x640-81f-4step", 4),
+])
+def test_cfg_doubles_forwards(name, forwards):
+    assert make_plan(get_preset(name), "synthetic").forwards == forwards
+
+
+def test_equal_shifts_hand_over_unchanged():
+    assert make_plan(get_preset("template-640x640-81f-4step"), "synthetic").handover_scale == 1.0
+    plan20 = make_plan(get_preset("template-640x640-81f-20step"), "synthetic")
+    assert plan20.handover_scale == 1.0 and len(plan20.passes[0].sigmas) == 11
+
+
+def test_every_preset_plans_and_default_matrix_is_known():
+    for name in PRESETS:
+        make_plan(PRESETS[name], "synthetic")
+    assert set(DEFAULT_MATRIX) <= set(PRESETS)
+
+
+def test_tiny_mode_reduces_geometry_and_says_so():
+    plan = make_plan(get_preset("seed-832x1216-49f"), "tiny")
+    assert plan.scaled_from == (832, 1216, 49)
+    assert (plan.width, plan.height, plan.frames) == tiny_geometry(832, 1216, 49)
+    assert plan.width % 16 == 0 and plan.height % 16 == 0 and (plan.frames - 1) % 4 == 0
+    assert plan.tokens == token_count(plan.width, plan.height, plan.frames) < 1000
+
+
+def test_geometry_snaps_like_comfyui_with_a_warning():
+    cfg = get_preset("seed-832x1216-49f").replace(width=840, height=1210, length=50)
+    with pytest.warns(UserWarning, match="832x1200x49 is used"):
+        plan = make_plan(cfg, "synthetic")
+    assert (plan.width, plan.height, plan.frames) == (832, 1200, 49)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(width=8), "at least 16"),
+    (dict(length=0), "length must be a positive integer"),
+    (dict(attention="xformers"), "attention 'xformers'"),
+    (dict(precision="int4"), "precision 'int4'"),
+])
+def test_bad_configuration_names_the_value(change, message):
+    with pytest.raises(ConfigError, match=message):
+        make_plan(get_preset("seed-832x1216-49f").replace(**change), "synthetic")
+
+
+def test_unsupported_sampler_is_an_error():
+    import dataclasses
+
+    cfg = get_preset("seed-832x1216-49f")
+    bad = cfg.replace(passes=(dataclasses.replace(cfg.passes[0], sampler="dpmpp_2m"), cfg.passes[1]))
+    with pytest.raises(ConfigError, match="sampler 'dpmpp_2m' is not supported"):
+        make_plan(bad, "synthetic")
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(ConfigError, match="seed-832x1216-49f"):
+        get_preset("nope")
+
+
+def test_cli_plan_json_has_stable_keys():
+    out = subprocess.run([sys.executable, "-m", "wan_pipeline", "plan", "--preset", "seed-832x1216-49f",
+                          "--mode", "synthetic", "--json"], capture_output=True, text=True, check=True).stdout
+    data = json.loads(out)
+    for key in ("width", "height", "frames", "latent_frames", "tokens", "fps", "seed", "mode", "handover_scale",
+                "passes"):
+        assert key in data
+    assert set(data["passes"][0]) >= {"expert", "model_file", "lora_file", "lora_strength", "shift", "steps",
+                                      "start_step", "end_step", "add_noise", "return_leftover_noise", "cfg",
+                                      "sampler", "scheduler", "sigmas", "timesteps", "forwards"}
+    assert data["tokens"] == 51376 and data["mode"] == "synthetic"
+
+
+def test_cli_unknown_preset_exits_2_with_one_line():
+    proc = subprocess.run([sys.executable, "-m", "wan_pipeline", "plan", "--preset", "nope", "--mode", "tiny"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "unknown preset 'nope'" in proc.stderr and "Traceback" not in proc.stderr

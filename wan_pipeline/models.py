@@ -1,0 +1,317 @@
+"""Model sources (real, synthetic, tiny) behind one ModelSet, and where each component lives in memory.
+
+*synthetic* and *tiny* build the same diffusers / transformers classes as *real*: synthetic at the A14B size
+with random weights created directly on the GPU in the target dtype (no host copy), tiny with a few layers on a
+CPU. Everything downstream (conditioning, sampler, pipeline) sees only a ModelSet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelSetKey, RunConfig
+from .errors import WanBenchError
+
+# WanTransformer3DModel configuration of the A14B i2v experts (REFERENCE §3).
+A14B_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=40,
+    attention_head_dim=128,
+    in_channels=36,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=13824,
+    num_layers=40,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    image_dim=None,
+    added_kv_proj_dim=None,
+)
+TINY_TRANSFORMER = dict(A14B_TRANSFORMER, num_attention_heads=2, attention_head_dim=24, text_dim=32, freq_dim=32,
+                        ffn_dim=64, num_layers=2)
+
+# UMT5-XXL encoder (REFERENCE §2) and a tiny one of the same class.
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_encoder_decoder=False,
+                tie_word_embeddings=False, layer_norm_epsilon=1e-6)
+TINY_UMT5 = dict(UMT5_XXL, vocab_size=384, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+
+# AutoencoderKLWan() defaults are the Wan 2.1 VAE; tiny keeps z_dim 16 and the 4x/8x compression.
+WAN21_VAE: dict = {}
+TINY_VAE = dict(base_dim=8, num_res_blocks=1)
+
+TEXT_CONTEXT = 512  # UMT5 tokens the experts attend to (ComfyUI pads to at least 512)
+
+
+def resolve_mode(requested: str, models_dir: str | None, config: RunConfig | None = None) -> str:
+    """auto: real when the model files are found, else synthetic on a GPU, else tiny."""
+    if requested != "auto":
+        return requested
+    if models_dir:
+        from .loading import has_model_files
+        from .presets import get_preset
+
+        if has_model_files(models_dir, config or get_preset("seed-832x1216-49f")):
+            return "real"
+    return "synthetic" if torch.cuda.is_available() else "tiny"
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype activations run in: float32 on a CPU (tiny mode), else bf16 or fp16."""
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_on_device(factory, device: torch.device, dtype: torch.dtype, seed: int):
+    """Construct a module straight on `device` in `dtype`, its random init seeded (no full-precision host copy)."""
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):
+        module = factory()
+    return module.eval().requires_grad_(False)
+
+
+def keep_fp32_modules(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast the submodules diffusers keeps in float32 (`_keep_in_fp32_modules`), as its loader does."""
+    patterns = getattr(model, "_keep_in_fp32_modules", None) or []
+    for name, module in model.named_modules():
+        if any(p in name.split(".") for p in patterns):
+            module.float()
+    return model
+
+
+def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    from diffusers import WanTransformer3DModel
+
+    model = build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed)
+    return keep_fp32_modules(model)
+
+
+def build_vae(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    from diffusers import AutoencoderKLWan
+
+    return build_on_device(lambda: AutoencoderKLWan(**config), device, dtype, seed)
+
+
+def build_text_encoder(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    cfg = UMT5Config(**config)
+    return build_on_device(lambda: UMT5EncoderModel(cfg), device, dtype, seed)
+
+
+class ByteTokenizer:
+    """Tokenizer for random-weight encoders: UTF-8 bytes as ids (there is no vocabulary to honour).
+
+    Shapes follow ComfyUI's umt5 tokenization: no start token, end token 1, padding 0 up to at least 512.
+    """
+
+    def __init__(self, vocab_size: int, min_length: int = TEXT_CONTEXT):
+        self.vocab_size = vocab_size
+        self.min_length = min_length
+
+    def __call__(self, text: str) -> tuple[list[int], list[int]]:
+        ids = [2 + (b % (self.vocab_size - 2)) for b in text.encode("utf-8")] + [1]
+        mask = [1] * len(ids)
+        pad = max(self.min_length - len(ids), 0)
+        return ids + [0] * pad, mask + [0] * pad
+
+
+@dataclass
+class ModelSet:
+    """Everything a run needs, loaded once: experts by name, text encoder + tokenizer, VAE."""
+
+    key: ModelSetKey
+    experts: dict[str, torch.nn.Module]
+    text_encoder: torch.nn.Module
+    tokenizer: object  # callable: text -> (ids, attention_mask)
+    vae: torch.nn.Module
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    residency: "Residency | None" = None
+
+    @property
+    def mode(self) -> str:
+        return self.key.mode
+
+    def expert_for(self, expert: str) -> torch.nn.Module:
+        return self.experts[expert]
+
+
+def parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters()) + sum(
+        b.numel() * b.element_size() for b in module.buffers()
+    )
+
+
+class Residency:
+    """Keeps the components on the GPU while they fit; otherwise moves idle ones to CPU memory (as ComfyUI does).
+
+    `policy` is decided once per model set: "resident" (everything stays), "offload-text-encoder" (the encoder
+    leaves after encoding), or "offload-idle-expert" (one expert at a time; the swap is its own timed stage).
+    """
+
+    def __init__(self, models: ModelSet, reserve_bytes: int, total_bytes: int | None = None):
+        self.models = models
+        self.device = models.device
+        self.sizes = {
+            "text_encoder": parameter_bytes(models.text_encoder),
+            "vae": parameter_bytes(models.vae),
+            **{f"expert:{k}": parameter_bytes(m) for k, m in models.experts.items()},
+        }
+        if self.device.type != "cuda":
+            self.policy = "resident"
+            return
+        total = total_bytes if total_bytes is not None else torch.cuda.get_device_properties(self.device).total_memory
+        experts = sum(v for k, v in self.sizes.items() if k.startswith("expert:"))
+        largest_expert = max(v for k, v in self.sizes.items() if k.startswith("expert:"))
+        if sum(self.sizes.values()) + reserve_bytes <= total:
+            self.policy = "resident"
+        elif experts + self.sizes["vae"] + reserve_bytes <= total:
+            self.policy = "offload-text-encoder"
+        elif largest_expert + self.sizes["vae"] + reserve_bytes <= total:
+            self.policy = "offload-idle-expert"
+        else:
+            raise WanBenchError(
+                f"{models.key.mode} models do not fit: one expert ({largest_expert / 1e9:.1f} GB) + VAE + "
+                f"{reserve_bytes / 1e9:.1f} GB working memory exceed the card's {total / 1e9:.1f} GB"
+            )
+
+    def _module(self, name: str) -> torch.nn.Module:
+        if name == "text_encoder":
+            return self.models.text_encoder
+        if name == "vae":
+            return self.models.vae
+        return self.models.experts[name.split(":", 1)[1]]
+
+    def _place(self, name: str, device: torch.device | str) -> None:
+        module = self._module(name)
+        first = next(module.parameters(), None)
+        if first is not None and first.device.type != torch.device(device).type:
+            module.to(device, non_blocking=False)
+
+    def need(self, name: str) -> None:
+        """Make `name` resident on the device, evicting what the policy says must leave."""
+        if self.device.type != "cuda":
+            return
+        if self.policy == "offload-idle-expert" and name.startswith("expert:"):
+            for other in self.sizes:
+                if other.startswith("expert:") and other != name:
+                    self._place(other, "cpu")
+            self._place("text_encoder", "cpu")
+        if self.policy != "resident" and name != "text_encoder":
+            self._place("text_encoder", "cpu")
+        if self.policy == "offload-idle-expert" and name == "text_encoder":
+            for other in self.sizes:
+                if other.startswith("expert:"):
+                    self._place(other, "cpu")
+        self._place(name, self.device)
+
+    def release(self, name: str) -> None:
+        if self.device.type == "cuda" and self.policy != "resident" and name == "text_encoder":
+            self._place(name, "cpu")
+
+    def describe(self) -> dict:
+        return {"policy": self.policy, "bytes": dict(self.sizes)}
+
+
+def working_memory_estimate(tokens: int, width: int, height: int, inner_dim: int = 5120) -> int:
+    """Bytes a run needs beyond the weights: the larger of a transformer forward's activations and VAE decode.
+
+    From REFERENCE §4: VAE decode of 49 x 1216 x 832 peaked at 11.5 GB and scales with the frame area; a block's
+    activations are about a dozen bf16 copies of the hidden states. 2 GB margin for the allocator.
+    """
+    vae = int(11.5e9 * (width * height) / (832 * 1216))
+    transformer = tokens * inner_dim * 2 * 12
+    return max(vae, transformer) + 2 * 10**9
+
+
+def load_model_set(key: ModelSetKey, *, device: torch.device | None = None, seed: int = 0,
+                   models_dir: str | None = None, config: RunConfig | None = None) -> ModelSet:
+    """Load (real) or build (synthetic, tiny) every component of `key`, timed."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() and key.mode != "tiny" else "cpu")
+    if key.mode == "synthetic" and device.type != "cuda":
+        raise WanBenchError("synthetic mode builds the full A14B experts on a GPU; on a CPU use --mode tiny")
+    dtype = compute_dtype(key.precision, device)
+    start = time.perf_counter()
+    if key.mode == "real":
+        models = _load_real(key, device, dtype, models_dir or key.models_dir, config)
+    else:
+        models = _build_random(key, device, dtype, seed)
+    from .precision import apply_precision
+
+    for name, expert in models.experts.items():
+        models.notes += apply_precision(expert, key.precision, dtype)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    models.load_seconds = time.perf_counter() - start
+    return models
+
+
+def _build_random(key: ModelSetKey, device: torch.device, dtype: torch.dtype, seed: int) -> ModelSet:
+    tiny = key.mode == "tiny"
+    transformer_cfg = TINY_TRANSFORMER if tiny else A14B_TRANSFORMER
+    te_cfg = TINY_UMT5 if tiny else UMT5_XXL
+    experts = {}
+    for i, (expert, *_rest) in enumerate(key.experts):
+        experts[expert] = build_transformer(transformer_cfg, device, dtype, seed + 1 + i)
+    text_encoder = build_text_encoder(te_cfg, device, dtype, seed + 101)
+    vae = build_vae(TINY_VAE if tiny else WAN21_VAE, device, dtype, seed + 201)
+    what = "a few-layer configuration of the A14B classes" if tiny else "the full A14B architecture"
+    return ModelSet(
+        key=key,
+        experts=experts,
+        text_encoder=text_encoder,
+        tokenizer=ByteTokenizer(te_cfg["vocab_size"]),
+        vae=vae,
+        device=device,
+        dtype=dtype,
+        notes=[f"{key.mode}: {what} with random weights; timings are real, the video is noise and its quality "
+               f"metrics are meaningless"],
+    )
+
+
+def _load_real(key: ModelSetKey, device: torch.device, dtype: torch.dtype, models_dir: str | None,
+               config: RunConfig | None) -> ModelSet:
+    from . import loading
+
+    if not models_dir:
+        raise WanBenchError("real mode needs a models folder: pass --models DIR or set WAN_MODELS_DIR")
+    if config is None:
+        raise WanBenchError("real mode needs the run configuration to know which files to load")
+    files = loading.find_model_files(models_dir, config)
+    keep_fp8 = key.precision in ("fp8-upcast", "fp8-scaled-mm")
+    experts = {}
+    for expert, _model_file, _lora, strength in key.experts:
+        weights = loading.load_expert_weights(
+            files.expert_path(expert),
+            lora_path=files.lora_path(expert),
+            lora_strength=strength,
+            compute_dtype=dtype,
+            keep_fp8=keep_fp8,
+        )
+        experts[expert] = loading.load_transformer(weights, device=device, dtype=dtype)
+    text_encoder, tokenizer = loading.load_text_encoder(files.text_encoder, device=device, dtype=dtype)
+    vae = loading.load_vae(files.vae, device=device, dtype=dtype)
+    return ModelSet(key=key, experts=experts, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
+                    device=device, dtype=dtype, notes=[f"real: weights from {models_dir} ({files.layout} layout)"])

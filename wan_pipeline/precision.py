@@ -1,0 +1,114 @@
+"""Precision modes of the experts' linear layers: bf16/fp16, fp8 storage upcast per layer, fp8 matmul.
+
+`fp8-scaled-mm` runs the transformer blocks' Linear layers the way ComfyUI runs fp8_scaled files on sm >= 8.9
+(REFERENCE §2): weight float8_e4m3fn with a per-tensor scale, input clamped to +-448 and cast to fp8 (or divided
+by the file's `scale_input` when it has one), then `torch._scaled_mm` with float output in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import WanBenchError
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def quantize_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight_fp8, scale) with weight ~= weight_fp8.float() * scale, scale = amax / 448."""
+    amax = weight.detach().abs().amax().float().clamp(min=1e-12)
+    scale = (amax / FP8_MAX).reshape(())
+    return (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+class Fp8Linear(nn.Module):
+    """A Linear whose weight is stored in float8_e4m3fn with a per-tensor scale.
+
+    matmul=False upcasts the weight to the compute dtype per call (fp8 storage, bf16 math);
+    matmul=True multiplies in fp8 with torch._scaled_mm (Hopper/Ada fp8 tensor cores).
+    """
+
+    def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 compute_dtype: torch.dtype, matmul: bool, input_scale: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight_fp8.shape
+        self.weight = nn.Parameter(weight_fp8, requires_grad=False)
+        self.register_buffer("weight_scale", weight_scale.float().reshape(()).to(weight_fp8.device))
+        self.bias = None if bias is None else nn.Parameter(bias.to(compute_dtype), requires_grad=False)
+        if input_scale is not None:
+            self.register_buffer("input_scale", input_scale.float().reshape(()).to(weight_fp8.device))
+        else:
+            self.input_scale = None
+        self.compute_dtype = compute_dtype
+        self.matmul = matmul
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.matmul:
+            w = self.weight.to(self.compute_dtype) * self.weight_scale.to(self.compute_dtype)
+            return F.linear(x.to(self.compute_dtype), w, self.bias)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if self.input_scale is None:
+            scale_a = torch.ones((), device=x.device, dtype=torch.float32)
+            xq = x2.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        else:
+            scale_a = self.input_scale
+            xq = (x2.float() / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale, bias=self.bias,
+                               out_dtype=self.compute_dtype)
+        return out.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, matmul={'fp8' if self.matmul else 'upcast'}"
+
+
+def check_fp8_matmul(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise WanBenchError("precision fp8-scaled-mm needs a CUDA GPU (torch._scaled_mm); this run is on the CPU")
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        raise WanBenchError(
+            f"precision fp8-scaled-mm needs compute capability 8.9+ (Ada/Hopper); "
+            f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use fp8-upcast or bf16"
+        )
+
+
+def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype) -> list[str]:
+    """Swap the transformer blocks' Linear layers for Fp8Linear when an fp8 mode is asked for.
+
+    A weight already stored in fp8 (a real fp8_scaled file) keeps its file scale; others are quantized per tensor.
+    Returns notes for the result record.
+    """
+    if precision not in ("fp8-upcast", "fp8-scaled-mm"):
+        return []
+    matmul = precision == "fp8-scaled-mm"
+    device = next(transformer.parameters()).device
+    if matmul:
+        check_fp8_matmul(device)
+    blocks = getattr(transformer, "blocks", None)
+    if blocks is None:
+        raise WanBenchError(f"precision {precision}: {type(transformer).__name__} has no transformer blocks")
+    swapped = 0
+    for block in blocks:
+        for name, child in list(block.named_modules()):
+            if isinstance(child, nn.Linear):
+                weight = child.weight.data
+                file_scale = getattr(child, "weight_scale", None)
+                if weight.dtype == FP8 and file_scale is not None:
+                    wq, scale = weight, file_scale
+                else:
+                    wq, scale = quantize_per_tensor(weight)
+                bias = None if child.bias is None else child.bias.data
+                new = Fp8Linear(wq, scale, bias, dtype, matmul, getattr(child, "input_scale", None))
+                parent_name, _, attr = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, attr, new)
+                del child, weight
+                swapped += 1
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    kind = "fp8 x fp8 torch._scaled_mm" if matmul else "fp8 storage upcast per layer"
+    return [f"precision {precision}: {swapped} block Linear layers as {kind}"]
