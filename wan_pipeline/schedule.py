@@ -61,11 +61,12 @@ def model_timesteps(sigmas: np.ndarray, multiplier: float = MULTIPLIER) -> np.nd
 
 
 def handover_scale(previous_last_sigma: float, next_first_sigma: float) -> float:
-    """Factor on the latent carried from one pass to the next.
+    """Factor from one pass's last Euler state to the next pass's starting state (REFERENCE §2).
 
     A pass ends with inverse noise scaling x / (1 - sigma_last); the next starts with
-    sigma0*noise + (1 - sigma0)*latent. With no new noise, the carried latent is multiplied by
-    (1 - sigma0_next) / (1 - sigma_last_prev); new noise, if the next pass adds any, comes on top.
+    sigma0*noise + (1 - sigma0)*latent. With no new noise the next pass starts from
+    (1 - sigma0_next) / (1 - sigma_last_prev) times the previous state: 0.857143 for shift 5 -> 6 at step 2,
+    1.0 for equal shifts. New noise, if the next pass adds any, comes on top.
     """
     one = np.float32(1.0)
     return float((one - np.float32(next_first_sigma)) / (one - np.float32(previous_last_sigma)))
