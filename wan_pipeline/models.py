@@ -153,6 +153,10 @@ class ModelSet:
     def mode(self) -> str:
         return self.key.mode
 
+    @property
+    def device_name(self) -> str | None:
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+
     def expert_for(self, expert: str) -> torch.nn.Module:
         return self.experts[expert]
 

@@ -1,0 +1,52 @@
+"""The benchmark: one whole two-pass generation per round, for every case of the matrix.
+
+Loading happens in the model cache, outside the rounds; warm-up (and the compile) is measured apart; the
+latency budget and the quality thresholds are checked after the rounds, with the stage breakdown in the message.
+"""
+
+import pytest
+
+from wan_pipeline.case import CaseRun
+from wan_pipeline.metrics import compute_metrics
+from wan_pipeline.pipeline import write_json_atomic
+from wan_pipeline.pytest_plugin import out_of_memory_isolation
+from wan_pipeline.video import write_video
+
+
+@pytest.mark.wan
+def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budgets, wan_report):
+    with out_of_memory_isolation(wan_case, wan_model_cache):
+        loads_before = len(wan_model_cache.loads)
+        plan, prepared = wan_model_cache.prepare(wan_case.config, wan_case.mode)
+        load_seconds = wan_model_cache.last_load_seconds if len(wan_model_cache.loads) > loads_before else 0.0
+        run = CaseRun(plan, prepared)
+        run.warm_up(wan_options.warmup)
+        benchmark.pedantic(run.generate_once, rounds=wan_options.rounds, iterations=1)
+        run.finish()
+
+    last = run.rounds[-1]
+    metrics = compute_metrics(last.frames, last.image)
+    video = write_video(last.frames, wan_options.out / f"{wan_case.id}.mp4", plan.config.fps)
+    info = run.extra_info(load_seconds=load_seconds, metrics=metrics, video=str(video))
+    benchmark.extra_info.update(info)
+    write_json_atomic(wan_options.out / f"{wan_case.id}.json", run.record(info))
+
+    gpu = prepared.models.device_name
+    budget = wan_budgets.budget_for(gpu, plan.config.name, plan.mode, plan.config.attention, plan.config.compile)
+    median = run.median_seconds
+    stages = ", ".join(f"{k} {v:.2f} s" for k, v in info["stages"].items())
+    if budget is None:
+        wan_report.append(f"{wan_case.id}: median {median:.2f} s on {gpu or 'cpu'} ({plan.mode}); no budget for "
+                          f"this card and preset, none checked")
+    else:
+        wan_report.append(f"{wan_case.id}: median {median:.2f} s, budget {budget.seconds:g} s")
+        assert median <= budget.seconds, (
+            f"{wan_case.id}: median {median:.2f} s over the budget {budget.describe()}; stages: {stages}")
+
+    quality = wan_budgets.quality_for(plan.config.name)
+    if plan.mode != "real":
+        wan_report.append(f"{wan_case.id}: quality thresholds not checked: {plan.mode} weights are random, the "
+                          f"video is noise (metrics recorded for reference only)")
+    elif quality is not None:
+        problems = quality.violations(metrics)
+        assert not problems, f"{wan_case.id}: temporal quality out of bounds: {'; '.join(problems)}"

@@ -1,0 +1,57 @@
+"""The session's model cache: load a model set once, share it across tests, evict explicitly.
+
+One model set is resident at a time (two full A14B sets do not fit one card). Loading is timed and reported
+apart from the benchmark rounds; the cache counts loads so tests can prove that sharing happened.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelSetKey, RunConfig
+from .models import ModelSet, load_model_set
+from .pipeline import Prepared, configure
+from .plan import Plan, make_plan
+
+
+def weights_key(key: ModelSetKey) -> ModelSetKey:
+    """What forces a reload: everything but the attention kernel, which is re-installed in place."""
+    return ModelSetKey(**{**key.__dict__, "attention": "*"})
+
+
+@dataclass
+class ModelCache:
+    models_dir: str | None = None
+    device: torch.device | None = None
+    seed: int = 0
+    loader: object = load_model_set  # injectable for tests
+    current: ModelSet | None = None
+    loads: list[dict] = field(default_factory=list)  # one entry per load: key, seconds
+
+    def prepare(self, config: RunConfig, mode: str) -> tuple[Plan, Prepared]:
+        """The plan and a configured model set for `config`, loading only when the weights differ."""
+        plan = make_plan(config, mode)
+        key = ModelSetKey.for_run(plan.config, mode, self.models_dir)
+        if self.current is None or weights_key(self.current.key) != weights_key(key):
+            self.evict()
+            start = time.perf_counter()
+            self.current = self.loader(key, device=self.device, seed=self.seed, models_dir=self.models_dir,
+                                       config=plan.config)
+            self.loads.append({"key": key, "seconds": time.perf_counter() - start})
+        self.current.key = key
+        return plan, configure(self.current, plan)
+
+    def evict(self) -> None:
+        """Drop the resident model set and give its memory back (also after an out-of-memory failure)."""
+        self.current = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    @property
+    def last_load_seconds(self) -> float | None:
+        return self.loads[-1]["seconds"] if self.loads else None

@@ -1,0 +1,171 @@
+"""One benchmark case: a configuration in a mode, run as warm-up plus timed rounds, reported as extra_info.
+
+The pytest plugin parametrizes tests with WanCase objects; the test body drives a CaseRun. Everything the
+history tools read later (extra_info keys) is assembled here.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import RunConfig, config_to_dict
+from .pipeline import STAGES, Generation, Prepared, generate
+from .plan import Plan
+
+
+@dataclass(frozen=True)
+class WanCase:
+    """A benchmark configuration with its stable id (preset, attention, compile)."""
+
+    config: RunConfig
+    mode: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.config.name}-{self.config.attention}-{self.config.precision}-compile{int(self.config.compile)}"
+
+    def __str__(self) -> str:
+        return self.id
+
+
+def _compiled_graph_count() -> int:
+    """Graphs torch.compile has produced so far in this process (a rise during the rounds is a recompile)."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # pragma: no cover - dynamo unavailable
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+@dataclass
+class CaseRun:
+    plan: Plan
+    prepared: Prepared
+    out_dir: Path | None = None
+    rounds: list[Generation] = field(default_factory=list)
+    warmup_seconds: list[float] = field(default_factory=list)
+    gpu_before: dict | None = None
+    gpu_after: dict | None = None
+    graphs_in_warmup: int = 0
+    graphs_before_rounds: int = 0
+    graphs_after_rounds: int = 0
+
+    def warm_up(self, count: int) -> None:
+        """Untimed generations before the rounds: lazy init, autotuning, and the compile, measured apart."""
+        graphs_start = _compiled_graph_count()
+        for _ in range(count):
+            start = time.perf_counter()
+            generate(self.prepared, self.plan)
+            self.warmup_seconds.append(time.perf_counter() - start)
+        self.graphs_before_rounds = _compiled_graph_count()
+        self.graphs_in_warmup = self.graphs_before_rounds - graphs_start
+        from .telemetry import gpu_snapshot
+
+        self.gpu_before = gpu_snapshot()
+
+    def generate_once(self) -> None:
+        """The timed target: one whole generation, synchronised at every stage boundary."""
+        self.rounds.append(generate(self.prepared, self.plan))
+
+    def finish(self) -> None:
+        from .telemetry import gpu_snapshot
+
+        self.gpu_after = gpu_snapshot()
+        self.graphs_after_rounds = _compiled_graph_count()
+
+    @property
+    def stage_medians(self) -> dict[str, float]:
+        names = [s for s in STAGES if any(s in g.seconds for g in self.rounds)]
+        names += sorted({k for g in self.rounds for k in g.seconds} - set(names))
+        return {n: statistics.median(g.seconds.get(n, 0.0) for g in self.rounds) for n in names}
+
+    @property
+    def median_seconds(self) -> float:
+        return statistics.median(g.total_seconds for g in self.rounds)
+
+    def throttle_reasons(self) -> list[str]:
+        from .telemetry import throttle_reasons_between
+
+        return throttle_reasons_between(self.gpu_before, self.gpu_after)
+
+    def extra_info(self, *, load_seconds: float | None, metrics: dict | None, video: str | None) -> dict:
+        from .telemetry import environment_fingerprint
+
+        plan, prepared = self.plan, self.prepared
+        device = prepared.models.device
+        peak_torch = max((max(g.peak_bytes.values(), default=0) for g in self.rounds), default=0)
+        nvml_used = (self.gpu_after or {}).get("memory_used")
+        throttled = self.throttle_reasons() if device.type == "cuda" else []
+        if throttled:
+            warnings.warn(f"{plan.config.name}: the GPU reported {', '.join(throttled)} during the timed rounds; "
+                          f"these timings may reflect a hot or power-capped card, not the software")
+        median_total = self.median_seconds if self.rounds else None
+        warm = self.warmup_seconds[0] if self.warmup_seconds else None
+        recompiles = self.graphs_after_rounds - self.graphs_before_rounds
+        return {
+            "mode": plan.mode,
+            "preset": plan.config.name,
+            "tokens": plan.tokens,
+            "frames": plan.frames,
+            "width": plan.width,
+            "height": plan.height,
+            "forwards": plan.forwards,
+            "scaled_from": list(plan.scaled_from) if plan.scaled_from else None,
+            "stages": {k: round(v, 6) for k, v in self.stage_medians.items()},
+            "peak_memory": {"torch_peak_bytes": peak_torch, "nvml_used_bytes": nvml_used},
+            "attention_kernel": prepared.kernel.kernel,
+            "attention": prepared.kernel.to_json(),
+            "precision": plan.config.precision,
+            "compile": {
+                "enabled": prepared.compile_enabled,
+                "warmup_seconds": warm,
+                "compile_seconds": (warm - median_total) if (prepared.compile_enabled and warm and median_total)
+                else None,
+                "graphs_compiled_in_warmup": self.graphs_in_warmup,
+                "recompiles": recompiles,
+                "recompiled_during_rounds": recompiles > 0,
+            },
+            "load_seconds": load_seconds,
+            "residency": prepared.residency.policy,
+            "gpu": {"before": self.gpu_before, "after": self.gpu_after, "throttle_reasons": throttled}
+            if device.type == "cuda" else None,
+            "throttled": bool(throttled),
+            "env": environment_fingerprint(),
+            "effective_tflops": effective_tflops(plan, prepared, self.stage_medians),
+            "metrics": metrics,
+            "metrics_meaningful": plan.mode == "real",
+            "video": video,
+            "notes": prepared.notes,
+        }
+
+
+    def record(self, info: dict) -> dict:
+        """The JSON result record written next to the case's video: configuration, plan and extra_info."""
+        return {"config": config_to_dict(self.plan.config), "plan": self.plan.to_json(),
+                "warmup_seconds": self.warmup_seconds,
+                "round_seconds": [g.total_seconds for g in self.rounds], **info}
+
+
+def forward_flops(tokens: int, text_tokens: int = 512, dim: int = 5120, ffn: int = 13824, layers: int = 40) -> float:
+    """FLOPs of one expert forward (REFERENCE §4): linear layers plus self- and cross-attention matmuls."""
+    per_layer_linear = 2 * tokens * (4 * dim * dim + 2 * dim * ffn) + 2 * (tokens * 2 * dim * dim) \
+        + 2 * text_tokens * 2 * dim * dim
+    self_attn = 4 * tokens * tokens * dim
+    cross_attn = 4 * tokens * text_tokens * dim
+    return float(layers * (per_layer_linear + self_attn + cross_attn))
+
+
+def effective_tflops(plan: Plan, prepared: Prepared, stages: dict[str, float]) -> float | None:
+    """Model FLOP/s over the sampling passes (what fraction of the card's peak the experts reach)."""
+    expert = next(iter(prepared.models.experts.values()))
+    cfg = expert.config
+    seconds = sum(v for k, v in stages.items() if k.startswith("pass"))
+    if not seconds:
+        return None
+    flops = forward_flops(plan.tokens, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim,
+                          layers=cfg.num_layers) * plan.forwards
+    return round(flops / seconds / 1e12, 3)

@@ -1,0 +1,298 @@
+"""The wan-bench pytest plugin (registered through the `pytest11` entry point).
+
+Options (each with an environment variable), the benchmark matrix as parametrized `wan_case`s, the session's
+model cache fixture, budgets, per-GPU pytest-benchmark storage and the machine-info hook. Heavy imports (torch,
+diffusers) happen only when a wan benchmark actually runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from .config import ATTENTION_BACKENDS, MODES, PRECISIONS
+from .presets import DEFAULT_MATRIX, get_preset
+
+_OPTIONS = (
+    # (option, env var, help)
+    ("--wan-mode", "WAN_MODE", f"model source: auto (default), {', '.join(MODES)}"),
+    ("--wan-models", "WAN_MODELS_DIR", "ComfyUI models folder or diffusers folder (real mode)"),
+    ("--wan-preset", "WAN_PRESET", "comma-separated presets (default: the matrix that fits the hardware)"),
+    ("--wan-budgets", "WAN_BUDGETS", "budgets TOML (default: fixtures/budgets.toml)"),
+    ("--wan-out", "WAN_OUT", "folder for videos and result records (default: wan-bench-out)"),
+    ("--wan-attention", "WAN_ATTENTION", f"comma-separated attention backends ({', '.join(ATTENTION_BACKENDS)})"),
+    ("--wan-precision", "WAN_PRECISION", f"comma-separated precisions ({', '.join(PRECISIONS)})"),
+    ("--wan-compile", "TORCH_COMPILE", "0, 1 or both (default: $TORCH_COMPILE, else 0)"),
+    ("--wan-rounds", "WAN_ROUNDS", "timed rounds per case (default 3)"),
+    ("--wan-warmup", "WAN_WARMUP", "untimed warm-up generations per case (default 1)"),
+    ("--wan-workflow", "WAN_WORKFLOW", "benchmark this ComfyUI workflow file and its matrix variants"),
+)
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("wan-bench", "Wan 2.2 i2v benchmark suite")
+    for option, env, help_text in _OPTIONS:
+        group.addoption(option, default=None, help=f"{help_text} [env: {env}]")
+
+
+def _option(config, option: str) -> str | None:
+    value = config.getoption(option.lstrip("-").replace("-", "_"))
+    if value is None:
+        env = dict((o, e) for o, e, _ in _OPTIONS)[option]
+        value = os.environ.get(env) or None
+    return value
+
+
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+@dataclass(frozen=True)
+class WanOptions:
+    mode: str
+    models_dir: str | None
+    presets: tuple[str, ...]
+    budgets: str | None
+    out: Path
+    attention: tuple[str, ...]
+    precision: tuple[str, ...]
+    compile: tuple[bool, ...]
+    rounds: int
+    warmup: int
+    workflow: str | None
+
+
+def _compile_values(value: str | None) -> tuple[bool, ...]:
+    v = (value or "0").strip().lower()
+    if v == "both":
+        return (False, True)
+    if v in ("1", "true", "yes", "on"):
+        return (True,)
+    if v in ("0", "false", "no", "off", ""):
+        return (False,)
+    raise pytest.UsageError(f"--wan-compile / TORCH_COMPILE must be 0, 1 or both, got {value!r}")
+
+
+def _int_option(config, option: str, default: int, minimum: int) -> int:
+    raw = _option(config, option)
+    try:
+        value = int(raw) if raw is not None else default
+    except ValueError:
+        raise pytest.UsageError(f"{option} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise pytest.UsageError(f"{option} must be at least {minimum}, got {value}")
+    return value
+
+
+def read_options(config) -> WanOptions:
+    mode = _option(config, "--wan-mode") or "auto"
+    if mode not in ("auto",) + MODES:
+        raise pytest.UsageError(f"--wan-mode must be auto or one of {MODES}, got {mode!r}")
+    attention = tuple(_csv(_option(config, "--wan-attention")) or ["sdpa"])
+    precision = tuple(_csv(_option(config, "--wan-precision")) or ["bf16"])
+    for name, values, allowed in (("--wan-attention", attention, ATTENTION_BACKENDS),
+                                  ("--wan-precision", precision, PRECISIONS)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise pytest.UsageError(f"{name}: unknown value(s) {bad}; choose from {allowed}")
+    return WanOptions(
+        mode=mode,
+        models_dir=_option(config, "--wan-models"),
+        presets=tuple(_csv(_option(config, "--wan-preset"))),
+        budgets=_option(config, "--wan-budgets"),
+        out=Path(_option(config, "--wan-out") or "wan-bench-out"),
+        attention=attention,
+        precision=precision,
+        compile=_compile_values(_option(config, "--wan-compile")),
+        rounds=_int_option(config, "--wan-rounds", 3, 1),
+        warmup=_int_option(config, "--wan-warmup", 1, 0),
+        workflow=_option(config, "--wan-workflow"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- configure
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_configure(config):
+    config.addinivalue_line("markers", "wan: a wan-bench generation benchmark")
+    yield
+    # After pytest-benchmark's own configure: keep histories of different GPU models in separate folders, keep
+    # the round data that `wan-bench compare` tests on, and reload --benchmark-compare from the GPU's folder.
+    session = getattr(config, "_benchmarksession", None)
+    if session is None:
+        return
+    from .telemetry import gpu_slug, gpu_snapshot
+
+    slug = gpu_slug(gpu_snapshot())
+    session.machine_id = f"{session.machine_id}-{slug}"
+    storage = session.storage
+    if hasattr(storage, "default_machine_id"):
+        storage.default_machine_id = session.machine_id
+    if session.save or session.autosave:
+        session.save_data = True
+    if session.compare:
+        session.handle_loading()
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """Every session's JSON carries the GPU and the environment fingerprint, whatever it benchmarked."""
+    from .telemetry import environment_fingerprint, gpu_snapshot
+
+    machine_info["gpu"] = gpu_snapshot()
+    machine_info["wan_env"] = environment_fingerprint()
+
+
+# ---------------------------------------------------------------------------------------------------- the matrix
+
+
+def resolved_mode(options: WanOptions) -> str:
+    from .models import resolve_mode
+
+    return resolve_mode(options.mode, options.models_dir)
+
+
+def default_presets(mode: str) -> tuple[str, ...]:
+    """The matrix that fits the hardware: every preset whose working set fits the card (all of them on a CPU)."""
+    if mode == "tiny":
+        return DEFAULT_MATRIX
+    import torch
+
+    from .models import working_memory_estimate
+    from .plan import make_plan
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    expert_bytes = 14.3e9  # one A14B expert in fp8 storage: the least a run can keep resident
+    fits = []
+    for name in DEFAULT_MATRIX:
+        plan = make_plan(get_preset(name), mode)
+        if expert_bytes + working_memory_estimate(plan.tokens, plan.width, plan.height) <= total:
+            fits.append(name)
+    return tuple(fits)
+
+
+def build_cases(options: WanOptions):
+    from .case import WanCase
+
+    mode = resolved_mode(options)
+    if options.workflow:
+        from .workflow import load_workflow_configs, workflow_matrix
+
+        configs = [v for c in load_workflow_configs(options.workflow) for v in workflow_matrix(c)]
+    else:
+        configs = [get_preset(n) for n in (options.presets or default_presets(mode))]
+    cases = []
+    for config in configs:
+        for precision in options.precision:
+            for compile_on in options.compile:
+                for attention in options.attention:
+                    cases.append(WanCase(config.replace(attention=attention, precision=precision,
+                                                        compile=compile_on), mode))
+    return cases
+
+
+def pytest_generate_tests(metafunc):
+    if "wan_case" not in metafunc.fixturenames:
+        return
+    options = read_options(metafunc.config)
+    try:
+        cases = build_cases(options)
+    except Exception as exc:  # a bad preset or workflow: one clear collection error
+        from .errors import WanBenchError
+
+        if isinstance(exc, WanBenchError):
+            raise pytest.UsageError(str(exc)) from None
+        raise
+    metafunc.parametrize("wan_case", cases, ids=[c.id for c in cases])
+
+
+def _case_of(item):
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("wan_case") if callspec else None
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Group wan cases by the weights they load (stable otherwise), so each model set loads once."""
+    from .config import ModelSetKey
+
+    def load_order(indexed):
+        index, item = indexed
+        case = _case_of(item)
+        if case is None:
+            return (0, "", index)
+        key = ModelSetKey.for_run(case.config, case.mode, None)
+        return (1, f"{key.experts}|{key.precision}|{key.compile}", index)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=load_order)]
+
+
+# ---------------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def wan_options(pytestconfig) -> WanOptions:
+    return read_options(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def wan_model_cache(wan_options):
+    """One model set resident at a time, shared by every test that needs the same weights."""
+    from .cache import ModelCache
+
+    cache = ModelCache(models_dir=wan_options.models_dir)
+    yield cache
+    cache.evict()
+
+
+@pytest.fixture(scope="session")
+def wan_budgets(wan_options):
+    from .budgets import load_budgets
+    from .errors import WanBenchError
+
+    try:
+        return load_budgets(wan_options.budgets)
+    except WanBenchError as exc:
+        raise pytest.UsageError(str(exc)) from None
+
+
+@pytest.fixture(scope="session")
+def wan_report(pytestconfig):
+    """Lines the terminal summary prints at the end (budgets checked or missing, quality skipped, throttling)."""
+    lines: list[str] = []
+    pytestconfig._wan_report = lines
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    lines = getattr(config, "_wan_report", None)
+    if lines:
+        terminalreporter.section("wan-bench")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+@contextlib.contextmanager
+def out_of_memory_isolation(case, cache):
+    """Turn a CUDA out-of-memory error into a clear failure of this case, free the memory, let the rest run."""
+    import torch
+
+    from .plan import make_plan
+
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+        reserved = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
+        cache.evict()
+        tokens = make_plan(case.config, case.mode).tokens
+        first_line = (str(exc).strip().splitlines() or ["out of memory"])[0]
+        pytest.fail(
+            f"{case.id}: out of GPU memory at {tokens} tokens ({allocated / 1e9:.1f} GB allocated, "
+            f"{reserved / 1e9:.1f} GB reserved at failure): {first_line}. The model set was evicted; the session "
+            f"goes on.",
+            pytrace=False,
+        )
