@@ -117,12 +117,16 @@ def read_options(config) -> WanOptions:
 # ---------------------------------------------------------------------------------------------------- configure
 
 
-@pytest.hookimpl(hookwrapper=True)
 def pytest_configure(config):
     config.addinivalue_line("markers", "wan: a wan-bench generation benchmark")
-    yield
-    # After pytest-benchmark's own configure: keep histories of different GPU models in separate folders, keep
-    # the round data that `wan-bench compare` tests on, and reload --benchmark-compare from the GPU's folder.
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session):
+    """After every plugin's configure (pytest-benchmark's is trylast): keep histories of different GPU models in
+    separate storage folders, keep the round data `wan-bench compare` tests on, and reload --benchmark-compare
+    from the GPU's folder."""
+    config = session.config
     session = getattr(config, "_benchmarksession", None)
     if session is None:
         return

@@ -1,0 +1,120 @@
+"""The pytest plugin end to end, in inner pytest sessions: the tiny matrix, the model cache, OOM isolation,
+the machine-info hook and per-GPU storage."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from wan_pipeline.cache import ModelCache
+from wan_pipeline.presets import get_preset
+
+pytest_plugins = ["pytester"]
+
+BENCHMARK_TEST = Path(__file__).parent / "benchmarks" / "test_generation.py"
+TINY = ["-p", "no:cacheprovider", "--wan-mode", "tiny", "--wan-rounds", "2", "--wan-warmup", "0"]
+
+
+@pytest.fixture
+def inner(pytester):
+    shutil.copy(BENCHMARK_TEST, pytester.path / "test_generation.py")
+    return pytester
+
+
+def test_tiny_benchmark_writes_pytest_benchmark_json_with_extra_info(inner):
+    result = inner.runpytest_subprocess(*TINY, "--wan-preset", "seed-832x1216-49f,seed-832x1216-49f-cfg3.5",
+                                        "--benchmark-only", "--benchmark-json", "out.json",
+                                        "--wan-out", str(inner.path / "out"))
+    result.assert_outcomes(passed=2)
+    data = json.loads((inner.path / "out.json").read_text())
+    assert data["machine_info"]["gpu"] is None  # CPU: no NVML
+    assert "torch" in data["machine_info"]["wan_env"]
+    ids = [b["name"] for b in data["benchmarks"]]
+    assert ids == ["test_generation[seed-832x1216-49f-sdpa-bf16-compile0]",
+                   "test_generation[seed-832x1216-49f-cfg3.5-sdpa-bf16-compile0]"]
+    info = data["benchmarks"][1]["extra_info"]
+    for key in ("mode", "preset", "tokens", "frames", "width", "height", "stages", "peak_memory",
+                "attention_kernel", "compile", "gpu", "env", "metrics"):
+        assert key in info, key
+    assert info["mode"] == "tiny" and info["preset"] == "seed-832x1216-49f-cfg3.5"
+    assert set(info["stages"]) == {"text_encode", "image_encode", "pass1", "switch", "pass2", "decode"}
+    assert info["forwards"] == 8 and info["gpu"] is None and info["compile"]["enabled"] is False
+    assert info["attention_kernel"].startswith("sdpa")
+    assert 0.0 <= info["metrics"]["flicker_score"] <= 1.0
+    assert data["benchmarks"][1]["stats"]["rounds"] == 2
+    assert (inner.path / "out" / "seed-832x1216-49f-sdpa-bf16-compile0.mp4").stat().st_size > 0
+    result.stdout.fnmatch_lines(["*quality thresholds not checked: tiny weights are random*",
+                                 "*no budget for this card and preset, none checked*"])
+
+
+def test_model_set_loads_once_for_cases_that_share_it():
+    loads = []
+
+    def loader(key, **kwargs):
+        from wan_pipeline.models import load_model_set
+
+        loads.append(key)
+        return load_model_set(key, **kwargs)
+
+    cache = ModelCache(loader=loader)
+    cfg = get_preset("seed-832x1216-49f")
+    cache.prepare(cfg, "tiny")
+    cache.prepare(get_preset("seed-832x1216-49f-cfg7.0"), "tiny")  # same weights, other CFG
+    cache.prepare(cfg.replace(attention="sdpa-math"), "tiny")  # attention is re-installed, not reloaded
+    assert len(loads) == 1
+    cache.prepare(get_preset("template-640x640-81f-20step"), "tiny")  # no LoRA: other weights
+    assert len(loads) == 2 and len(cache.loads) == 2
+
+
+def test_matrix_is_ordered_to_minimise_reloads(inner):
+    result = inner.runpytest_subprocess(*TINY, "--collect-only", "-q", "--wan-preset",
+                                        "seed-832x1216-49f,template-640x640-81f-20step,seed-832x1216-81f")
+    lines = [l for l in result.stdout.lines if "test_generation[" in l]
+    assert [l.split("[")[1].split("-sdpa")[0] for l in lines] == [
+        "seed-832x1216-49f", "seed-832x1216-81f", "template-640x640-81f-20step"]
+
+
+def test_out_of_memory_fails_one_case_clearly_and_the_session_goes_on(inner):
+    inner.makeconftest("""
+import torch
+import wan_pipeline.case as case
+
+real = case.generate
+def generate(prepared, plan, progress=False):
+    if plan.config.name.endswith("cfg7.0"):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    return real(prepared, plan, progress)
+case.generate = generate
+""")
+    result = inner.runpytest_subprocess(*TINY, "--benchmark-only", "--wan-preset",
+                                        "seed-832x1216-49f-cfg7.0,seed-832x1216-49f")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*seed-832x1216-49f-cfg7.0-sdpa-bf16-compile0: out of GPU memory at * tokens*"
+                                 "Tried to allocate 20.00 GiB*evicted; the session goes on*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_machine_info_hook_applies_to_any_benchmark(pytester):
+    pytester.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-json", "plain.json")
+    result.assert_outcomes(passed=1)
+    info = json.loads((pytester.path / "plain.json").read_text())["machine_info"]
+    assert "gpu" in info and "torch" in info["wan_env"]
+
+
+def test_autosave_goes_to_a_folder_per_gpu_model(pytester):
+    pytester.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-autosave",
+                                           "--benchmark-storage", str(pytester.path / "store"))
+    result.assert_outcomes(passed=1)
+    saved = list((pytester.path / "store").glob("*/*.json"))
+    assert len(saved) == 1 and saved[0].parent.name.endswith("-cpu")
+    assert "data" in json.loads(saved[0].read_text())["benchmarks"][0]["stats"]  # rounds kept for compare
+
+
+def test_bad_option_values_are_usage_errors(inner):
+    result = inner.runpytest_subprocess(*TINY, "--wan-preset", "no-such-preset", "--collect-only")
+    assert result.ret != 0
+    result.stderr.fnmatch_lines(["*unknown preset 'no-such-preset'*"])
+    result = inner.runpytest_subprocess(*TINY, "--wan-attention", "xformers", "--collect-only")
+    result.stderr.fnmatch_lines(["*--wan-attention: unknown value(s) ['xformers']*"])
