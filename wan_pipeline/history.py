@@ -159,11 +159,13 @@ def load_run(path: Path | str) -> Run:
     if not raw.strip():
         raise HistoryFileError(path, "empty file")
     try:
-        data = json.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = json.loads(text)
     except UnicodeDecodeError as exc:
         raise HistoryFileError(path, f"not UTF-8 text (corrupted?): {exc.reason} at byte {exc.start}") from None
     except json.JSONDecodeError as exc:
-        what = "truncated" if not raw.rstrip().endswith((b"}", b"]")) else "corrupted"
+        at_end = exc.pos >= len(text.rstrip()) - 1 or exc.msg.startswith("Unterminated")
+        what = "truncated" if at_end else "corrupted"
         raise HistoryFileError(path, f"invalid JSON ({what}?): {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     if not isinstance(data, dict) or not isinstance(data.get("benchmarks"), list):
         raise HistoryFileError(path, "not a pytest-benchmark file (no 'benchmarks' list)")
@@ -873,19 +875,44 @@ def atomic_write_json(path: Path | str, obj: Any, overwrite: bool = True) -> Pat
     return atomic_write_bytes(path, (json.dumps(obj, indent=4, default=str) + "\n").encode(), overwrite=overwrite)
 
 
+class _FolderLock:
+    """An exclusive advisory lock on `folder/.wan-bench.lock` (fcntl; a no-op where fcntl is missing)."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".wan-bench.lock"
+        self.fh = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+        except ImportError:  # Windows: the no-clobber link below still protects the files
+            return self
+        self.fh = open(self.path, "a+b")
+        fcntl.flock(self.fh.fileno(), fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fh is not None:
+            import fcntl
+
+            fcntl.flock(self.fh.fileno(), fcntl.LOCK_UN)
+            self.fh.close()
+
+
 def save_run(folder: Path | str, data: dict, name: str) -> Path:
     """Save a session like pytest-benchmark's storage does (`NNNN_<name>.json`, the next free number), atomically;
     two sessions saving at once get different numbers and never overwrite each other."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     payload = (json.dumps(data, indent=4, default=str) + "\n").encode()
-    for _ in range(1000):
-        numbers = [int(p.name[:4]) for p in folder.glob("[0-9][0-9][0-9][0-9]_*.json") if p.name[:4].isdigit()]
-        target = folder / f"{max(numbers, default=0) + 1:04d}_{name}.json"
-        try:
-            return atomic_write_bytes(target, payload, overwrite=False)
-        except FileExistsError:
-            continue
+    with _FolderLock(folder):
+        for _ in range(1000):
+            numbers = [int(p.name[:4]) for p in folder.glob("[0-9][0-9][0-9][0-9]_*.json")]
+            target = folder / f"{max(numbers, default=0) + 1:04d}_{name}.json"
+            try:
+                return atomic_write_bytes(target, payload, overwrite=False)
+            except FileExistsError:
+                continue
     raise HistoryError(f"{folder}: could not find a free file number to save {name}")
 
 
