@@ -16,6 +16,9 @@ from .errors import WanBenchError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("wan_pipeline.cli_run", "print the plan of a preset or workflow (sigmas, passes, shapes)"),
     "run": ("wan_pipeline.cli_run", "run one generation and write the video and its result record"),
+    "compare": ("wan_pipeline.cli_history", "compare two benchmark runs: verdict per benchmark, what changed; exit 1 on a regression"),
+    "trend": ("wan_pipeline.cli_history", "find the runs where a benchmark stepped and what changed there"),
+    "report": ("wan_pipeline.cli_history", "write an HTML page and a markdown summary with plots of the history"),
 }
 
 

@@ -1,0 +1,82 @@
+"""report: HTML + markdown with plots from a storage folder."""
+
+import base64
+import json
+import re
+
+import numpy as np
+import pytest
+
+from wan_pipeline.cli import main
+from wan_pipeline.report import read_frames, write_report
+
+
+def _session(day, factor, rng, video=None, torch_version="2.11.0"):
+    data = list(60.0 * factor * (1 + 0.01 * rng.standard_normal(6)))
+    extra = {"preset": "seed-832x1216-49f", "mode": "synthetic",
+             "stages": {"text_encode": 1.0, "image_encode": 2.0, "pass1": 24.0 * factor, "switch": 0.5,
+                        "pass2": 24.0, "decode": 8.0},
+             "peak_memory": {"torch_peak_bytes": 30 * 2**30, "nvml_used_bytes": 33 * 2**30},
+             "metrics": {"flicker_score": 0.97 + 0.001 * day, "ssim_mean": 0.9}, "video": video}
+    return {"machine_info": {"gpu": {"name": "NVIDIA H100 80GB HBM3"}, "wan_env": {"version.torch": torch_version}},
+            "commit_info": {"id": f"c{day}"}, "datetime": f"2026-11-{day:02d}T00:00:00+00:00", "version": "5.2.3",
+            "benchmarks": [{"name": "test_pipeline[seed]", "fullname": "t.py::test_pipeline[seed]", "group": None,
+                            "extra_info": extra,
+                            "stats": {"median": float(np.median(data)), "min": min(data), "max": max(data),
+                                      "rounds": 6, "data": data}}]}
+
+
+@pytest.fixture
+def storage(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    video = tmp_path / "latest.webp"
+    frames = [Image.new("RGB", (64, 48), (i * 20, 100, 255 - i * 20)) for i in range(10)]
+    frames[0].save(video, save_all=True, append_images=frames[1:], duration=62, lossless=True)
+    folder = tmp_path / "storage" / "nvidia-h100-80gb-hbm3"
+    folder.mkdir(parents=True)
+    for day in range(1, 10):
+        upgraded = day >= 6
+        s = _session(day, 1.1 if upgraded else 1.0, rng, video=str(video) if day == 9 else None,
+                     torch_version="2.12.0" if upgraded else "2.11.0")
+        (folder / f"{day:04d}_run.json").write_text(json.dumps(s))
+    (folder / "0010_cut.json").write_text('{"benchmarks": [')
+    return tmp_path / "storage"
+
+
+def test_report_writes_html_markdown_and_plots(storage, tmp_path):
+    out = tmp_path / "report"
+    paths = write_report(storage, out)
+    names = sorted(p.name for p in paths)
+    assert "index.html" in names and "summary.md" in names
+    for kind in ("latency", "stages", "memory", "metrics", "frames"):
+        (png,) = [p for p in paths if p.name.startswith(kind)]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "summary.md").read_text()
+    assert "stepped +10" in md and "0006_run.json" in md and "env:version.torch: 2.11.0 -> 2.12.0" in md
+    assert "0010_cut.json" in md and "truncated" in md  # reported, not touched
+    assert (storage / "nvidia-h100-80gb-hbm3" / "0010_cut.json").read_text() == '{"benchmarks": ['
+    for name in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (out / name).is_file()
+    page = (out / "index.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(images) == sum(1 for p in paths if p.suffix == ".png")
+    assert all(base64.b64decode(i)[:4] == b"\x89PNG" for i in images)
+    assert "src=\"http" not in page and "<script" not in page  # self-contained
+
+
+def test_report_cli(storage, tmp_path, capsys):
+    assert main(["report", str(storage), "--out", str(tmp_path / "r")]) == 0
+    assert "index.html" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty), "--out", str(tmp_path / "r2")]) == 2
+    assert "no usable benchmark file" in capsys.readouterr().err
+
+
+def test_read_frames_spreads_over_the_video(storage, tmp_path):
+    frames = read_frames(tmp_path / "latest.webp", count=4)
+    assert len(frames) == 4 and frames[0].shape == (48, 64, 3)
+    assert frames[0][0, 0, 0] < frames[-1][0, 0, 0]
+    assert read_frames(tmp_path / "missing.mp4") == []
