@@ -12,7 +12,7 @@ import sys
 
 from .errors import WanBenchError
 
-# name -> (module, one-line help). Each module provides configure_parser(parser) and run_cli(args) -> int.
+# name -> (module, one-line help). The module provides configure_<name>_parser(parser) and run_<name>(args) -> int.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("wan_pipeline.cli_run", "print the plan of a preset or workflow (sigmas, passes, shapes)"),
     "run": ("wan_pipeline.cli_run", "run one generation and write the video and its result record"),
