@@ -552,7 +552,10 @@ def _load_into(model: torch.nn.Module, sd: dict, path: Path, *, device, dtype, f
 
 
 def build_transformer(config: dict, *, device="cpu", dtype=torch.bfloat16):
-    """An empty WanTransformer3DModel: parameters on the meta device, rope buffers on ``device``."""
+    """An empty WanTransformer3DModel: parameters on the meta device, rope buffers on ``device``.
+
+    ``dtype`` is accepted for symmetry and not used: meta parameters take the dtype of the tensors assigned later.
+    """
     from diffusers import WanTransformer3DModel
 
     cfg = {k: v for k, v in config.items() if not k.startswith("_")}
