@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from wan_pipeline import sampler
-from wan_pipeline.models import TINY_TRANSFORMER, build_transformer
+from wan_pipeline.models import TINY_TRANSFORMER, random_transformer
 from wan_pipeline.plan import make_plan
 from wan_pipeline.presets import get_preset
 
@@ -27,8 +27,8 @@ def test_noise_is_comfyui_cpu_float32_manual_seed():
 
 @pytest.fixture(scope="module")
 def tiny_expert():
-    return build_transformer(TINY_TRANSFORMER, torch.device("cpu"), torch.float32, seed=3), \
-        build_transformer(TINY_TRANSFORMER, torch.device("cpu"), torch.float32, seed=4)
+    return random_transformer(TINY_TRANSFORMER, torch.device("cpu"), torch.float32, seed=3), \
+        random_transformer(TINY_TRANSFORMER, torch.device("cpu"), torch.float32, seed=4)
 
 
 def _forward(model):

@@ -50,10 +50,10 @@ def upscale_center(image: np.ndarray, width: int, height: int) -> torch.Tensor:
 @torch.no_grad()
 def encode_text(models, text: str) -> torch.Tensor:
     """UMT5 hidden states [1, L>=512, d_model] in the compute dtype, zeroed past the end token (as ComfyUI)."""
-    ids, mask = models.tokenizer(text)
+    tokens = models.tokenizer.tokenize(text)
     device = models.device
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    attention_mask = torch.tensor([mask], dtype=torch.long, device=device)
+    input_ids = torch.tensor([tokens.ids], dtype=torch.long, device=device)
+    attention_mask = torch.tensor([tokens.attention_mask], dtype=torch.long, device=device)
     hidden = models.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     hidden = hidden * attention_mask.unsqueeze(-1).to(hidden.dtype)
     return hidden.to(models.dtype)

@@ -97,20 +97,20 @@ def keep_fp32_modules(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def build_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+def random_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     from diffusers import WanTransformer3DModel
 
     model = build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed)
     return keep_fp32_modules(model)
 
 
-def build_vae(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+def random_vae(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     from diffusers import AutoencoderKLWan
 
     return build_on_device(lambda: AutoencoderKLWan(**config), device, dtype, seed)
 
 
-def build_text_encoder(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+def random_text_encoder(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
     from transformers import UMT5Config, UMT5EncoderModel
 
     cfg = UMT5Config(**config)
@@ -120,18 +120,20 @@ def build_text_encoder(config: dict, device: torch.device, dtype: torch.dtype, s
 class ByteTokenizer:
     """Tokenizer for random-weight encoders: UTF-8 bytes as ids (there is no vocabulary to honour).
 
-    Shapes follow ComfyUI's umt5 tokenization: no start token, end token 1, padding 0 up to at least 512.
+    Shapes follow ComfyUI's umt5 tokenization (loading.UMT5Tokenizer): no start token, end token 1, padding 0 up
+    to at least 512.
     """
 
     def __init__(self, vocab_size: int, min_length: int = TEXT_CONTEXT):
         self.vocab_size = vocab_size
         self.min_length = min_length
 
-    def __call__(self, text: str) -> tuple[list[int], list[int]]:
+    def tokenize(self, text: str):
+        from .loading import TokenizedPrompt
+
         ids = [2 + (b % (self.vocab_size - 2)) for b in text.encode("utf-8")] + [1]
-        mask = [1] * len(ids)
         pad = max(self.min_length - len(ids), 0)
-        return ids + [0] * pad, mask + [0] * pad
+        return TokenizedPrompt(ids + [0] * pad, [1] * len(ids) + [0] * pad)
 
 
 @dataclass
@@ -141,7 +143,7 @@ class ModelSet:
     key: ModelSetKey
     experts: dict[str, torch.nn.Module]
     text_encoder: torch.nn.Module
-    tokenizer: object  # callable: text -> (ids, attention_mask)
+    tokenizer: object  # .tokenize(text) -> TokenizedPrompt(ids, attention_mask)
     vae: torch.nn.Module
     device: torch.device
     dtype: torch.dtype
@@ -278,9 +280,9 @@ def _build_random(key: ModelSetKey, device: torch.device, dtype: torch.dtype, se
     te_cfg = TINY_UMT5 if tiny else UMT5_XXL
     experts = {}
     for i, (expert, *_rest) in enumerate(key.experts):
-        experts[expert] = build_transformer(transformer_cfg, device, dtype, seed + 1 + i)
-    text_encoder = build_text_encoder(te_cfg, device, dtype, seed + 101)
-    vae = build_vae(TINY_VAE if tiny else WAN21_VAE, device, dtype, seed + 201)
+        experts[expert] = random_transformer(transformer_cfg, device, dtype, seed + 1 + i)
+    text_encoder = random_text_encoder(te_cfg, device, dtype, seed + 101)
+    vae = random_vae(TINY_VAE if tiny else WAN21_VAE, device, dtype, seed + 201)
     what = "a few-layer configuration of the A14B classes" if tiny else "the full A14B architecture"
     return ModelSet(
         key=key,
@@ -306,16 +308,29 @@ def _load_real(key: ModelSetKey, device: torch.device, dtype: torch.dtype, model
     files = loading.find_model_files(models_dir, config)
     keep_fp8 = key.precision in ("fp8-upcast", "fp8-scaled-mm")
     experts = {}
-    for expert, _model_file, _lora, strength in key.experts:
-        weights = loading.load_expert_weights(
-            files.expert_path(expert),
-            lora_path=files.lora_path(expert),
-            lora_strength=strength,
-            compute_dtype=dtype,
-            keep_fp8=keep_fp8,
-        )
-        experts[expert] = loading.load_transformer(weights, device=device, dtype=dtype)
+    for expert, _model_file, _lora, _strength in key.experts:
+        found = files.experts[expert]
+        weights = loading.load_expert_weights(found.model, lora_path=found.lora, lora_strength=found.lora_strength,
+                                              compute_dtype=dtype, keep_fp8=keep_fp8)
+        model = loading.load_transformer(weights, device=device, dtype=dtype)
+        experts[expert] = attach_fp8_scales(model, weights.fp8_scales, weights.input_scales, dtype)
     text_encoder, tokenizer = loading.load_text_encoder(files.text_encoder, device=device, dtype=dtype)
     vae = loading.load_vae(files.vae, device=device, dtype=dtype)
     return ModelSet(key=key, experts=experts, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
-                    device=device, dtype=dtype, notes=[f"real: weights from {models_dir} ({files.layout} layout)"])
+                    device=device, dtype=dtype, notes=[f"real: weights from {files.root} ({files.layout} layout)"])
+
+
+def attach_fp8_scales(model: torch.nn.Module, scales: dict, input_scales: dict, dtype: torch.dtype):
+    """Give each fp8-stored Linear its file scale (precision.apply_precision runs it in fp8); dequantize any other
+    fp8 parameter, which no fp8 kernel would consume."""
+    for name, scale in scales.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if attr == "weight" and isinstance(module, torch.nn.Linear) and ".blocks." in f".{module_name}":
+            module.weight_scale = scale
+            if name in input_scales:
+                module.input_scale = input_scales[name]
+        else:
+            param = getattr(module, attr)
+            param.data = (param.data.float() * scale.to(param.device)).to(dtype)
+    return model
