@@ -16,6 +16,7 @@ from .errors import WanBenchError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("wan_pipeline.cli_run", "print the plan of a preset or workflow (sigmas, passes, shapes)"),
     "run": ("wan_pipeline.cli_run", "run one generation and write the video and its result record"),
+    "metrics": ("wan_pipeline.cli_metrics", "temporal-consistency metrics of a clip (flicker, SSIM, warp, motion)"),
 }
 
 
