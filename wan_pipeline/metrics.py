@@ -11,8 +11,8 @@ from frame `t` to frame `t + 1`. Conventions (each pinned by tests):
 - Optical flow: scikit-image `optical_flow_ilk` on luma box-averaged by an integer factor
   `max(1, min(H, W) // 104)` (8 at 832x1216, 3 at 350x350); displacements are multiplied by that factor, so
   `motion` is in pixels per frame at the clip's resolution.
-- `warp_error`: frame `t` warped onto frame `t + 1` with the backward flow, mean absolute RGB difference in grey levels
-  at the flow resolution, over the pixels that the forward-backward consistency check (Sundaram et al. 2010, as in
+- `warp_error`: frame `t` warped onto frame `t + 1` with the backward flow (cubic interpolation), mean absolute RGB
+  difference in grey levels at the flow resolution, over the pixels that the forward-backward consistency check (Sundaram et al. 2010, as in
   Lai et al. 2018) marks visible and whose source lies inside the frame. Motion is compensated, so a panning
   camera scores low and flicker, noise or a jump scores high.
 - `motion`: mean flow magnitude, pixels per frame at the clip's resolution. A frozen clip has motion 0 and would
@@ -179,14 +179,14 @@ def _flow(reference: np.ndarray, moving: np.ndarray) -> np.ndarray:
                             prefilter=False)
 
 
-def _sample(img: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+def _sample(img: np.ndarray, rows: np.ndarray, cols: np.ndarray, order: int = 1) -> np.ndarray:
     """Bilinear sample of (h, w) or (h, w, C) at float coordinates (edge values outside)."""
     from scipy.ndimage import map_coordinates
 
     coords = np.stack([rows, cols])
     if img.ndim == 2:
-        return map_coordinates(img, coords, order=1, mode="nearest")
-    return np.stack([map_coordinates(img[..., c], coords, order=1, mode="nearest") for c in range(img.shape[2])],
+        return map_coordinates(img, coords, order=order, mode="nearest")
+    return np.stack([map_coordinates(img[..., c], coords, order=order, mode="nearest") for c in range(img.shape[2])],
                     axis=-1)
 
 
@@ -200,7 +200,7 @@ def warp_transition(rgb0: np.ndarray, rgb1: np.ndarray, grey0: np.ndarray, grey1
     fwd = _flow(grey0, grey1)  # pixel q of frame 0 went to q + fwd(q) in frame 1
     rr, cc = np.meshgrid(np.arange(h, dtype=np.float32), np.arange(w, dtype=np.float32), indexing="ij")
     src_r, src_c = rr + back[0], cc + back[1]
-    warped = _sample(rgb0, src_r, src_c)
+    warped = _sample(rgb0, src_r, src_c, order=3)
     fwd_at = np.stack([_sample(fwd[0], src_r, src_c), _sample(fwd[1], src_r, src_c)])
     back_sq = back[0] ** 2 + back[1] ** 2
     mismatch = (back[0] + fwd_at[0]) ** 2 + (back[1] + fwd_at[1]) ** 2
