@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("wan_pipeline.cli_history", "compare two benchmark runs: verdict per benchmark, what changed; exit 1 on a regression"),
     "trend": ("wan_pipeline.cli_history", "find the runs where a benchmark stepped and what changed there"),
     "report": ("wan_pipeline.cli_history", "write an HTML page and a markdown summary with plots of the history"),
+    "metrics": ("wan_pipeline.cli_metrics", "temporal-consistency metrics of a clip (flicker, SSIM, warp, motion)"),
 }
 
 
