@@ -18,8 +18,8 @@ PATCH = (1, 2, 2)
 LATENT_CHANNELS = 16
 
 # Tiny mode runs every preset at a reduced geometry so a CPU finishes a whole generation in seconds.
-TINY_SPATIAL_DIVISOR = 8
-TINY_LATENT_FRAME_DIVISOR = 4
+TINY_SPATIAL_DIVISOR = 16
+TINY_LATENT_FRAME_DIVISOR = 8
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,7 @@ def token_count(width: int, height: int, length: int) -> int:
 
 
 def tiny_geometry(width: int, height: int, length: int) -> tuple[int, int, int]:
-    """The reduced geometry tiny mode uses: 1/8 of each side (multiple of 16, at least 32), 1/4 of the latent frames."""
+    """The reduced geometry tiny mode uses: 1/16 of each side (multiple of 16, at least 32), 1/8 of the latent frames."""
 
     def side(x: int) -> int:
         return max(32, round(x / TINY_SPATIAL_DIVISOR / 16) * 16)

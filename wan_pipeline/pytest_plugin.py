@@ -27,7 +27,7 @@ _OPTIONS = (
     ("--wan-attention", "WAN_ATTENTION", f"comma-separated attention backends ({', '.join(ATTENTION_BACKENDS)})"),
     ("--wan-precision", "WAN_PRECISION", f"comma-separated precisions ({', '.join(PRECISIONS)})"),
     ("--wan-compile", "TORCH_COMPILE", "0, 1 or both (default: $TORCH_COMPILE, else 0)"),
-    ("--wan-rounds", "WAN_ROUNDS", "timed rounds per case (default 3)"),
+    ("--wan-rounds", "WAN_ROUNDS", "timed rounds per case (default 5: the fewest that compare's rank test can judge)"),
     ("--wan-warmup", "WAN_WARMUP", "untimed warm-up generations per case (default 1)"),
     ("--wan-workflow", "WAN_WORKFLOW", "benchmark this ComfyUI workflow file and its matrix variants"),
 )
@@ -108,7 +108,7 @@ def read_options(config) -> WanOptions:
         attention=attention,
         precision=precision,
         compile=_compile_values(_option(config, "--wan-compile")),
-        rounds=_int_option(config, "--wan-rounds", 3, 1),
+        rounds=_int_option(config, "--wan-rounds", 5, 1),
         warmup=_int_option(config, "--wan-warmup", 1, 0),
         workflow=_option(config, "--wan-workflow"),
     )
