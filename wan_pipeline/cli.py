@@ -46,5 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     except WanBenchError as exc:
         print(f"wan-bench {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed
+        return 0
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":
+            raise
+        first = (str(exc).strip().splitlines() or ["out of memory"])[0].split(". GPU")[0]
+        print(f"wan-bench {args.command}: error: out of GPU memory: {first}. Try --precision fp8-scaled-mm or "
+              f"fp8-upcast, a smaller preset, or free the card.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

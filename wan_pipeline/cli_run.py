@@ -103,6 +103,9 @@ def configure_run_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_run(args: argparse.Namespace) -> int:
+    from .models import default_allocator_settings
+
+    default_allocator_settings()
     from .pipeline import run_and_save
 
     configs = configs_from_args(args)

@@ -8,6 +8,7 @@ CPU. Everything downstream (conditioning, sampler, pipeline) sees only a ModelSe
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -48,6 +49,12 @@ WAN21_VAE: dict = {}
 TINY_VAE = dict(base_dim=8, num_res_blocks=1)
 
 TEXT_CONTEXT = 512  # UMT5 tokens the experts attend to (ComfyUI pads to at least 512)
+
+
+def default_allocator_settings() -> None:
+    """Expandable segments unless the user chose an allocator: 14B experts plus a VAE at 49 frames leave little
+    room for fragmentation on an 80 GB card. Must run before CUDA is initialised; recorded in the fingerprint."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def resolve_mode(requested: str, models_dir: str | None, config: RunConfig | None = None) -> str:
@@ -241,14 +248,15 @@ class Residency:
 
 
 def working_memory_estimate(tokens: int, width: int, height: int, inner_dim: int = 5120) -> int:
-    """Bytes a run needs beyond the weights: the larger of a transformer forward's activations and VAE decode.
+    """Bytes a run needs beyond the weights: the larger of a transformer forward's activations and the VAE.
 
-    From REFERENCE §4: VAE decode of 49 x 1216 x 832 peaked at 11.5 GB and scales with the frame area; a block's
-    activations are about a dozen bf16 copies of the hidden states. 2 GB margin for the allocator.
+    VAE encode/decode of 49 x 1216 x 832 in bf16 peaks near 12 GiB (REFERENCE §4 measured 11.5 GB for decode)
+    and scales with the frame area; a block's activations are about a dozen bf16 copies of the hidden states.
+    3 GiB margin for the allocator and the text encoder's activations.
     """
-    vae = int(11.5e9 * (width * height) / (832 * 1216))
+    vae = int(12 * 2**30 * (width * height) / (832 * 1216))
     transformer = tokens * inner_dim * 2 * 12
-    return max(vae, transformer) + 2 * 10**9
+    return max(vae, transformer) + 3 * 2**30
 
 
 def load_model_set(key: ModelSetKey, *, device: torch.device | None = None, seed: int = 0,

@@ -30,6 +30,7 @@ _OPTIONS = (
     ("--wan-rounds", "WAN_ROUNDS", "timed rounds per case (default 5: the fewest that compare's rank test can judge)"),
     ("--wan-warmup", "WAN_WARMUP", "untimed warm-up generations per case (default 1)"),
     ("--wan-workflow", "WAN_WORKFLOW", "benchmark this ComfyUI workflow file and its matrix variants"),
+    ("--wan-video", "WAN_VIDEO", "container of the saved clips: mp4 (default, needs imageio-ffmpeg) or webp"),
 )
 
 
@@ -64,6 +65,7 @@ class WanOptions:
     rounds: int
     warmup: int
     workflow: str | None
+    video: str = "mp4"
 
 
 def _compile_values(value: str | None) -> tuple[bool, ...]:
@@ -111,7 +113,15 @@ def read_options(config) -> WanOptions:
         rounds=_int_option(config, "--wan-rounds", 5, 1),
         warmup=_int_option(config, "--wan-warmup", 1, 0),
         workflow=_option(config, "--wan-workflow"),
+        video=_video_format(_option(config, "--wan-video")),
     )
+
+
+def _video_format(value: str | None) -> str:
+    value = (value or "mp4").lower()
+    if value not in ("mp4", "webp"):
+        raise pytest.UsageError(f"--wan-video must be mp4 or webp, got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------------- configure
@@ -119,6 +129,9 @@ def read_options(config) -> WanOptions:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "wan: a wan-bench generation benchmark")
+    from .models import default_allocator_settings
+
+    default_allocator_settings()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -286,17 +299,16 @@ def out_of_memory_isolation(case, cache):
 
     from .plan import make_plan
 
+    message = None
     try:
         yield
     except torch.OutOfMemoryError as exc:
         allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
         reserved = torch.cuda.memory_reserved() if torch.cuda.is_available() else 0
+        first_line = (str(exc).strip().splitlines() or ["out of memory"])[0].split(". GPU")[0]
+        message = (f"{case.id}: out of GPU memory at {make_plan(case.config, case.mode).tokens} tokens "
+                   f"({allocated / 2**30:.1f} GiB allocated, {reserved / 2**30:.1f} GiB reserved at failure): "
+                   f"{first_line}. The model set was evicted; the session goes on.")
+    if message is not None:
         cache.evict()
-        tokens = make_plan(case.config, case.mode).tokens
-        first_line = (str(exc).strip().splitlines() or ["out of memory"])[0]
-        pytest.fail(
-            f"{case.id}: out of GPU memory at {tokens} tokens ({allocated / 1e9:.1f} GB allocated, "
-            f"{reserved / 1e9:.1f} GB reserved at failure): {first_line}. The model set was evicted; the session "
-            f"goes on.",
-            pytrace=False,
-        )
+        pytest.fail(message, pytrace=False)

@@ -26,7 +26,7 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
 
     last = run.rounds[-1]
     metrics = compute_metrics(last.frames, last.image)
-    video = write_video(last.frames, wan_options.out / f"{wan_case.id}.mp4", plan.config.fps)
+    video = write_video(last.frames, wan_options.out / f"{wan_case.id}.{wan_options.video}", plan.config.fps)
     info = run.extra_info(load_seconds=load_seconds, metrics=metrics, video=str(video))
     benchmark.extra_info.update(info)
     write_json_atomic(wan_options.out / f"{wan_case.id}.json", run.record(info))
