@@ -269,7 +269,8 @@ class _Graph:
                             and isinstance(value[0], (str, int)) and not isinstance(value[0], bool)):
                         inputs[name] = _Link(str(value[0]), value[1])
                     else:
-                        inputs[name] = _Missing(f"input {name!r} is {value!r}, expected a link [node_id, slot]")
+                        inputs[name] = _Missing(f"node #{nid} ({ctype}) input {name!r} is {value!r:.60}, not a "
+                                                f"link [node_id, slot]")
                 else:
                     inputs[name] = _Const(value)
             self.nodes[nid] = _Node(nid, ctype, MODE_ACTIVE, inputs, [], [], widgets=None)
@@ -511,7 +512,7 @@ class _Resolver:
             if isinstance(src, _Const):
                 return src
             if isinstance(src, _Missing):
-                raise WorkflowError(f"{self.source}: {wanted_by}: {src.why} (expected a connected input)")
+                raise WorkflowError(f"{self.source}: {src.why}; expected a link to an existing node output")
             if src is None:
                 raise _Dead(f"{wanted_by} is not connected")
             key = (src.node, src.slot)
@@ -871,8 +872,13 @@ class _Resolver:
         shift = None
         lora_file, lora_strength = None, 0.0
         src, wanted = s.inputs.get("model"), f"{s.describe()} input 'model'"
+        visited = set()
         while True:
             m, _ = self.expect(src, wanted, ("ModelSamplingSD3", "LoraLoaderModelOnly", "UNETLoader"), "MODEL")
+            if m.id in visited:
+                raise self.err(m, f"the model links of {s.describe()} form a cycle; expected a chain ending in "
+                                  f"UNETLoader")
+            visited.add(m.id)
             if m.type == "UNETLoader":
                 model_file = self._typed(m, "unet_name", "str")
                 break
