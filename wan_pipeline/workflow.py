@@ -418,7 +418,7 @@ class _Graph:
             if not (0 <= slot < len(sg_inputs)) or not isinstance(sg_inputs[slot], dict):
                 return _Missing(f"subgraph {name!r} has no input slot {slot}")
             in_name = sg_inputs[slot].get("name")
-            if in_name in outer_inputs:
+            if isinstance(in_name, str) and in_name in outer_inputs:
                 return outer_inputs[in_name]
             if slot in widget_index and widget_index[slot] < len(values):
                 return _Const(values[widget_index[slot]])
