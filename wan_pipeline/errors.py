@@ -6,3 +6,10 @@ The CLI prints it as one line and exits 2; the pytest plugin turns it into a fai
 
 class WanBenchError(Exception):
     """Bad input or an unusable environment, explained in the message (never a bare traceback)."""
+
+
+class WorkflowError(WanBenchError, ValueError):
+    """A ComfyUI workflow file that cannot be turned into run configurations.
+
+    The message names the file and, where one is at fault, the node id, its type and what was expected.
+    """
