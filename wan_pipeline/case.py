@@ -98,7 +98,7 @@ class CaseRun:
         plan, prepared = self.plan, self.prepared
         device = prepared.models.device
         peak_torch = max((max(g.peak_bytes.values(), default=0) for g in self.rounds), default=0)
-        nvml_used = (self.gpu_after or {}).get("memory_used")
+        nvml_used = (self.gpu_after or {}).get("memory_used_bytes")
         throttled = self.throttle_reasons() if device.type == "cuda" else []
         if throttled:
             warnings.warn(f"{plan.config.name}: the GPU reported {', '.join(throttled)} during the timed rounds; "

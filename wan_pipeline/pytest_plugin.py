@@ -212,24 +212,40 @@ def build_cases(options: WanOptions):
     return cases
 
 
+def stock_cases(cases):
+    """One stock-diffusers case per two-pass preset of the matrix (bf16, default attention)."""
+    seen, out = set(), []
+    for case in cases:
+        cfg = case.config
+        if len(cfg.passes) == 2 and cfg.name not in seen:
+            seen.add(cfg.name)
+            out.append(type(case)(cfg.replace(attention="sdpa", precision="bf16", compile=False), case.mode))
+    return out
+
+
 def pytest_generate_tests(metafunc):
-    if "wan_case" not in metafunc.fixturenames:
+    wanted = [n for n in ("wan_case", "wan_stock_case") if n in metafunc.fixturenames]
+    if not wanted:
         return
     options = read_options(metafunc.config)
     try:
         cases = build_cases(options)
+        if wanted[0] == "wan_stock_case":
+            cases = stock_cases(cases)
     except Exception as exc:  # a bad preset or workflow: one clear collection error
         from .errors import WanBenchError
 
         if isinstance(exc, WanBenchError):
             raise pytest.UsageError(str(exc)) from None
         raise
-    metafunc.parametrize("wan_case", cases, ids=[c.id for c in cases])
+    metafunc.parametrize(wanted[0], cases, ids=[c.id for c in cases])
 
 
 def _case_of(item):
     callspec = getattr(item, "callspec", None)
-    return callspec.params.get("wan_case") if callspec else None
+    if callspec is None:
+        return None
+    return callspec.params.get("wan_case") or callspec.params.get("wan_stock_case")
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -277,11 +293,36 @@ def wan_budgets(wan_options):
 
 
 @pytest.fixture(scope="session")
+def wan_forward_references():
+    """bf16 SDPA expert outputs by (preset, mode): what faster modes are compared with."""
+    return {}
+
+
+@pytest.fixture(scope="session")
 def wan_report(pytestconfig):
     """Lines the terminal summary prints at the end (budgets checked or missing, quality skipped, throttling)."""
     lines: list[str] = []
     pytestconfig._wan_report = lines
     return lines
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Add each generation's speed-up over the stock diffusers pipeline measured in the same session."""
+    stock = {}
+    for bench in output_json.get("benchmarks", []):
+        info = bench.get("extra_info") or {}
+        if bench.get("name", "").startswith("test_stock_diffusers[") and info.get("preset"):
+            stock[(info["preset"], info.get("mode"))] = bench["stats"]["median"]
+    lines = getattr(config, "_wan_report", None)
+    for bench in output_json.get("benchmarks", []):
+        info = bench.get("extra_info") or {}
+        ref = stock.get((info.get("preset"), info.get("mode")))
+        if bench.get("name", "").startswith("test_generation[") and ref:
+            info["stock_diffusers_seconds"] = ref
+            info["speedup_vs_stock_diffusers"] = round(ref / bench["stats"]["median"], 3)
+            if lines is not None:
+                lines.append(f"{bench['name']}: {info['speedup_vs_stock_diffusers']}x the stock diffusers "
+                             f"pipeline ({ref:.2f} s)")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

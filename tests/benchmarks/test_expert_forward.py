@@ -1,0 +1,66 @@
+"""One expert forward at the case's full token count: the unit the speed targets are stated in.
+
+Its output is compared with the bf16 SDPA output on the same inputs (cosine similarity), so every faster mode
+shows what it costs in numerics.
+"""
+
+import pytest
+import torch
+
+from wan_pipeline.case import forward_flops
+from wan_pipeline.pytest_plugin import out_of_memory_isolation
+from wan_pipeline.reference import cosine, forward_inputs
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@pytest.mark.wan
+def test_expert_forward(benchmark, wan_case, wan_model_cache, wan_options, wan_forward_references, wan_report):
+    with out_of_memory_isolation(wan_case, wan_model_cache):
+        plan, prepared = wan_model_cache.prepare(wan_case.config, wan_case.mode)
+        models = prepared.models
+        expert = models.experts[plan.passes[0].config.expert]
+        prepared.residency.need(f"expert:{plan.passes[0].config.expert}")
+        x, timestep, context = forward_inputs(plan, models)
+
+        @torch.no_grad()
+        def forward():
+            out = expert(hidden_states=x, timestep=timestep, encoder_hidden_states=context, return_dict=False)[0]
+            _synchronize(models.device)
+            return out
+
+        import time
+
+        start = time.perf_counter()
+        output = forward()  # warm-up: lazy init, autotuning, compile
+        warmup_seconds = time.perf_counter() - start
+        benchmark.pedantic(forward, rounds=wan_options.rounds, iterations=1)
+        output = output.float().cpu()
+
+    key = (plan.config.name, plan.mode)
+    reference = wan_forward_references.get(key)
+    is_reference = (plan.config.precision, plan.config.attention, plan.config.compile) == ("bf16", "sdpa", False)
+    if is_reference:
+        wan_forward_references[key] = output
+    similarity = cosine(output, reference) if reference is not None else (1.0 if is_reference else None)
+    median = benchmark.stats.stats.median if benchmark.stats else None
+    cfg = expert.config
+    flops = forward_flops(plan.tokens, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim,
+                          layers=cfg.num_layers)
+    benchmark.extra_info.update({
+        "mode": plan.mode, "preset": plan.config.name, "tokens": plan.tokens, "frames": plan.frames,
+        "width": plan.width, "height": plan.height, "precision": plan.config.precision,
+        "attention_kernel": prepared.kernel.kernel, "attention": prepared.kernel.to_json(),
+        "compile": {"enabled": prepared.compile_enabled, "warmup_seconds": warmup_seconds},
+        "flops": flops, "effective_tflops": round(flops / median / 1e12, 1) if median else None,
+        "cosine_vs_bf16_sdpa": similarity,
+    })
+    wan_report.append(
+        f"forward {wan_case.id}: {median if median is None else round(median, 3)} s, "
+        f"{benchmark.extra_info['effective_tflops']} TFLOP/s, kernel {prepared.kernel.kernel}, cosine vs bf16 SDPA "
+        f"{'n/a (no bf16 sdpa reference case in this session)' if similarity is None else f'{similarity:.5f}'}")
+    if similarity is not None and plan.mode != "tiny":
+        assert similarity >= 0.99, f"{wan_case.id}: expert output cosine {similarity:.5f} vs bf16 SDPA is below 0.99"
