@@ -129,6 +129,12 @@ def _video_format(value: str | None) -> str:
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "wan: a wan-bench generation benchmark")
+    options = read_options(config)  # bad option values stop the session here, as usage errors
+    for name in options.presets:
+        try:
+            get_preset(name)
+        except Exception as exc:
+            raise pytest.UsageError(str(exc)) from None
     from .models import default_allocator_settings
 
     default_allocator_settings()
