@@ -31,6 +31,7 @@ class ModelCache:
     loader: object = load_model_set  # injectable for tests
     current: ModelSet | None = None
     loads: list[dict] = field(default_factory=list)  # one entry per load: key, seconds
+    warmed: set = field(default_factory=set)  # what has run on the resident set (see warm_up_needed)
 
     def prepare(self, config: RunConfig, mode: str) -> tuple[Plan, Prepared]:
         """The plan and a configured model set for `config`, loading only when the weights differ."""
@@ -45,9 +46,22 @@ class ModelCache:
         self.current.key = key
         return plan, configure(self.current, plan)
 
+    def warm_up_needed(self, plan: Plan, prepared: Prepared) -> bool:
+        """True the first time a shape, kernel, precision and compile setting runs on the resident set.
+
+        Warm-up exists for lazy initialisation, kernel autotuning and compilation; a case that repeats all of them
+        (a CFG variant of the same preset, say) finds them done and goes straight to its timed rounds.
+        """
+        key = (plan.latent_shape, prepared.kernel.backend, plan.config.precision, prepared.compile_enabled)
+        if key in self.warmed:
+            return False
+        self.warmed.add(key)
+        return True
+
     def evict(self) -> None:
         """Drop the resident model set and give its memory back (also after an out-of-memory failure)."""
         self.current = None
+        self.warmed.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

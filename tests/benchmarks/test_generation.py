@@ -20,7 +20,7 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
         plan, prepared = wan_model_cache.prepare(wan_case.config, wan_case.mode)
         load_seconds = wan_model_cache.last_load_seconds if len(wan_model_cache.loads) > loads_before else 0.0
         run = CaseRun(plan, prepared)
-        run.warm_up(wan_options.warmup)
+        run.warm_up(wan_options.warmup if wan_model_cache.warm_up_needed(plan, prepared) else 0)
         benchmark.pedantic(run.generate_once, rounds=wan_options.rounds, iterations=1)
         run.finish()
 
