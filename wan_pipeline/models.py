@@ -239,6 +239,11 @@ class Residency:
                     self._place(other, "cpu")
         self._place(name, self.device)
 
+    def place_all(self) -> None:
+        """Every component on the device, whatever the policy (for code that manages no memory itself)."""
+        for name in self.sizes:
+            self._place(name, self.device)
+
     def release(self, name: str) -> None:
         if self.device.type == "cuda" and self.policy != "resident" and name == "text_encoder":
             self._place(name, "cpu")
