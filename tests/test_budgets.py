@@ -17,6 +17,7 @@ gpu = "NVIDIA H100*"
 preset = "seed-832x1216-49f"
 mode = "synthetic"
 compile = "1"
+precision = "fp8-*"
 seconds = 20
 
 [[budget]]
@@ -39,7 +40,10 @@ def budgets(tmp_path):
 
 
 def test_first_matching_entry_wins(budgets):
-    assert budgets.budget_for("NVIDIA H100 80GB HBM3", "seed-832x1216-49f", "synthetic", "sdpa", True).seconds == 20
+    assert budgets.budget_for("NVIDIA H100 80GB HBM3", "seed-832x1216-49f", "synthetic", "sdpa", True,
+                              "fp8-scaled-mm").seconds == 20
+    assert budgets.budget_for("NVIDIA H100 80GB HBM3", "seed-832x1216-49f", "synthetic", "sdpa", True,
+                              "bf16").seconds == 60
     assert budgets.budget_for("NVIDIA H100 80GB HBM3", "seed-832x1216-49f", "synthetic", "sdpa", False).seconds == 60
     assert budgets.budget_for("NVIDIA H100 80GB HBM3", "seed-832x1216-81f", "real").seconds == 60
 

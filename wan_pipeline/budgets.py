@@ -34,11 +34,12 @@ class Budget:
     seconds: float
     attention: str = "*"
     compile: str = "*"
+    precision: str = "*"
     source: str = ""
 
     def describe(self) -> str:
-        return (f"{self.seconds:g} s for {self.preset} on {self.gpu} ({self.mode}, attention {self.attention}, "
-                f"compile {self.compile}){': ' + self.source if self.source else ''}")
+        return (f"{self.seconds:g} s for {self.preset} on {self.gpu} ({self.mode}, precision {self.precision}, "
+                f"attention {self.attention}, compile {self.compile}){': ' + self.source if self.source else ''}")
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,12 @@ class Budgets:
     quality: tuple[QualityThresholds, ...]
 
     def budget_for(self, gpu_name: str | None, preset: str, mode: str, attention: str = "",
-                   compile_on: bool = False) -> Budget | None:
+                   compile_on: bool = False, precision: str = "") -> Budget | None:
         gpu = gpu_name or "cpu"
         for b in self.budgets:
             if (_match(b.gpu, gpu) and _match(b.preset, preset) and _match(b.mode, mode)
-                    and _match(b.attention, attention) and _match(b.compile, "1" if compile_on else "0")):
+                    and _match(b.attention, attention) and _match(b.compile, "1" if compile_on else "0")
+                    and _match(b.precision, precision)):
                 return b
         return None
 
@@ -96,7 +98,7 @@ def load_budgets(path: str | Path | None = None) -> Budgets:
         missing = {"gpu", "preset", "seconds"} - set(entry)
         if missing:
             raise BudgetFileError(f"{where} lacks {sorted(missing)}")
-        unknown = set(entry) - {"gpu", "preset", "mode", "seconds", "attention", "compile", "source"}
+        unknown = set(entry) - {"gpu", "preset", "mode", "seconds", "attention", "compile", "precision", "source"}
         if unknown:
             raise BudgetFileError(f"{where} has unknown keys {sorted(unknown)}")
         seconds = entry["seconds"]
@@ -104,7 +106,8 @@ def load_budgets(path: str | Path | None = None) -> Budgets:
             raise BudgetFileError(f"{where}: seconds must be a positive number, got {seconds!r}")
         budgets.append(Budget(gpu=str(entry["gpu"]), preset=str(entry["preset"]), mode=str(entry.get("mode", "*")),
                               seconds=float(seconds), attention=str(entry.get("attention", "*")),
-                              compile=str(entry.get("compile", "*")), source=str(entry.get("source", ""))))
+                              compile=str(entry.get("compile", "*")), precision=str(entry.get("precision", "*")),
+                              source=str(entry.get("source", ""))))
     quality = []
     for i, entry in enumerate(data.get("quality", []), 1):
         where = f"{path}: [[quality]] entry {i}"

@@ -32,7 +32,8 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
     write_json_atomic(wan_options.out / f"{wan_case.id}.json", run.record(info))
 
     gpu = prepared.models.device_name
-    budget = wan_budgets.budget_for(gpu, plan.config.name, plan.mode, plan.config.attention, plan.config.compile)
+    budget = wan_budgets.budget_for(gpu, plan.config.name, plan.mode, plan.config.attention, plan.config.compile,
+                                    plan.config.precision)
     median = run.median_seconds
     stages = ", ".join(f"{k} {v:.2f} s" for k, v in info["stages"].items())
     if budget is None:
