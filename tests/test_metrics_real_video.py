@@ -149,3 +149,14 @@ def test_first_frame_matches_its_own_input_image_best(clip):
         other = read_frames(_need(TEMPLATES / name))[:2]
         assert M.first_frame_ssim(other, image) < own_ssim - 0.3, name
         assert M.first_frame_psnr(other, image) < own_psnr - 10.0, name
+
+
+def test_shipped_quality_thresholds_pass_the_real_clip_and_catch_corruptions(clip, real, corrupted):
+    from wan_pipeline.budgets import load_budgets
+
+    thresholds = load_budgets().quality_for("seed-832x1216-49f")
+    assert thresholds.violations(real) == []
+    for name in ("brightness_flicker", "camera_shake", "frame_noise", "shuffled"):
+        assert thresholds.violations(corrupted(name)), name
+    frozen = M.compute_metrics(np.repeat(clip[:1], 16, axis=0))
+    assert thresholds.violations(frozen) == [f"motion = {frozen['motion']:.4f} (below 0.2)"]

@@ -119,3 +119,23 @@ def test_bad_option_values_are_usage_errors(inner):
     result = inner.runpytest_subprocess(*TINY, "--wan-attention", "xformers", "--collect-only")
     assert result.ret != 0
     assert "ERROR: --wan-attention: unknown value(s) ['xformers']" in result.stderr.str()
+
+
+def test_two_autosaves_in_one_folder_get_their_own_numbers(pytester):
+    pytester.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
+    store = pytester.path / "store"
+    for _ in range(2):
+        pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-autosave",
+                                      "--benchmark-storage", str(store)).assert_outcomes(passed=1)
+    names = sorted(p.name[:5] for p in store.glob("*/*.json"))
+    assert names == ["0001_", "0002_"]
+    assert not list(store.glob("*/.*.tmp"))
+
+
+def test_workflow_option_benchmarks_the_workflow_and_its_variants(inner):
+    workflow = Path(__file__).parent.parent / "fixtures" / "workflows" / "users_variant.json"
+    result = inner.runpytest_subprocess(*TINY, "--collect-only", "-q", "--wan-workflow", str(workflow))
+    ids = [l.split("[", 1)[1].rstrip("]") for l in result.stdout.lines if "test_generation[" in l]
+    assert ids[0].startswith("wf-users_variant-sdpa-bf16")
+    assert any("-81f-" in i for i in ids) and any("-161f-" in i for i in ids)
+    assert any("-cfg3.5-" in i for i in ids) and any("-cfg7.0-" in i for i in ids)

@@ -156,10 +156,23 @@ def pytest_sessionstart(session):
     storage = session.storage
     if hasattr(storage, "default_machine_id"):
         storage.default_machine_id = session.machine_id
+        storage.save = _atomic_save(storage)
     if session.save or session.autosave:
         session.save_data = True
     if session.compare:
         session.handle_loading()
+
+
+def _atomic_save(storage):
+    """pytest-benchmark's file storage save, made atomic: the next free NNNN_ number under a folder lock, written
+    to a temporary file and renamed, so two sessions saving at once never clobber each other's history."""
+    from .history import save_run
+
+    def save(output_json, save):
+        path = save_run(storage.get("x").parent, output_json, save)
+        storage.logger.info(f"Saved benchmark data in: {path}")
+
+    return save
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

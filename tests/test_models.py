@@ -1,0 +1,106 @@
+"""Model sources and memory policy: tiny sets are deterministic; the residency policy follows the card's size."""
+
+import numpy as np
+import pytest
+import torch
+
+from wan_pipeline import conditioning
+from wan_pipeline.config import ModelSetKey
+from wan_pipeline.errors import WanBenchError
+from wan_pipeline.models import Residency, load_model_set, resolve_mode
+from wan_pipeline.plan import make_plan
+from wan_pipeline.presets import get_preset
+from wan_pipeline.video import resize_center_crop
+
+GB = 10**9
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = get_preset("seed-832x1216-49f")
+    return cfg, load_model_set(ModelSetKey.for_run(cfg, "tiny", None), seed=5)
+
+
+def test_tiny_set_is_deterministic_from_its_seed(tiny):
+    cfg, models = tiny
+    again = load_model_set(ModelSetKey.for_run(cfg, "tiny", None), seed=5)
+    for name in ("high", "low"):
+        a, b = models.experts[name].state_dict(), again.experts[name].state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(models.experts["high"].proj_out.weight, models.experts["low"].proj_out.weight)
+    assert "random weights" in models.notes[0] and "meaningless" in models.notes[0]
+
+
+def test_synthetic_on_a_cpu_is_refused():
+    cfg = get_preset("seed-832x1216-49f")
+    with pytest.raises(WanBenchError, match="use --mode tiny"):
+        load_model_set(ModelSetKey.for_run(cfg, "synthetic", None), device=torch.device("cpu"))
+
+
+def test_auto_mode_without_models_or_gpu_is_tiny(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert resolve_mode("auto", None) == "tiny"
+    assert resolve_mode("auto", str(tmp_path)) == "tiny"  # a folder without the files
+
+
+class FakeSet:
+    """Sizes of an A14B set, to decide policies without allocating anything."""
+
+    def __init__(self, expert_bytes, text_bytes):
+        self.device = torch.device("cuda")
+        self.experts = {"high": expert_bytes, "low": expert_bytes}
+        self.text_encoder, self.vae = text_bytes, int(0.25 * GB)
+        self.key = ModelSetKey.for_run(get_preset("seed-832x1216-49f"), "synthetic", None)
+
+
+@pytest.mark.parametrize("expert_gb, total_gb, reserve_gb, policy", [
+    (14.3, 85.5, 17, "resident"),  # fp8 experts on an 80 GB card
+    (28.6, 85.5, 8, "resident"),  # bf16 experts with a small working set
+    (28.6, 85.5, 17, "offload-text-encoder"),  # ... and with 49 frames' VAE: the encoder leaves after encoding
+    (14.3, 48.0, 17, "offload-text-encoder"),
+    (14.3, 25.7, 8, "offload-idle-expert"),  # a 24 GB card: one expert at a time, as ComfyUI does
+])
+def test_residency_policy_follows_the_card(monkeypatch, expert_gb, total_gb, reserve_gb, policy):
+    import wan_pipeline.models as models
+
+    fake = FakeSet(int(expert_gb * GB), int(11.4 * GB))
+    monkeypatch.setattr(models, "parameter_bytes", lambda m: m if isinstance(m, int) else 0)
+    assert Residency(fake, reserve_bytes=int(reserve_gb * GB), total_bytes=int(total_gb * GB)).policy == policy
+
+
+def test_residency_refuses_a_card_too_small_for_one_expert(monkeypatch):
+    import wan_pipeline.models as models
+
+    monkeypatch.setattr(models, "parameter_bytes", lambda m: m if isinstance(m, int) else 0)
+    with pytest.raises(WanBenchError, match="do not fit"):
+        Residency(FakeSet(int(28.6 * GB), int(11.4 * GB)), reserve_bytes=int(8 * GB), total_bytes=int(24 * GB))
+
+
+def test_start_image_is_resized_like_comfyui(tiny):
+    image = conditioning.test_card(300, 200)
+    ours = conditioning.upscale_center(image, 64, 96).numpy()
+    reference = resize_center_crop(image, 64, 96).astype(np.float32) / 255.0
+    assert ours.shape == (96, 64, 3)
+    assert np.abs(ours - reference).max() < 1.5 / 255  # same crop, same bilinear (uint8 rounding apart)
+
+
+def test_image_conditioning_is_mask_then_normalised_latent(tiny):
+    cfg, models = tiny
+    plan = make_plan(cfg, "tiny")
+    image01 = conditioning.upscale_center(conditioning.test_card(plan.width, plan.height), plan.width, plan.height)
+    concat = conditioning.image_conditioning(models, image01, plan)
+    b, _, t, h, w = plan.latent_shape
+    assert concat.shape == (b, 20, t, h, w)
+    assert torch.all(concat[:, :4, 0] == 1) and torch.all(concat[:, :4, 1:] == 0)
+    # the frames after the first are 0.5 gray: their latents differ from the start frame's
+    assert not torch.allclose(concat[:, 4:, 0], concat[:, 4:, -1])
+
+
+def test_text_encoding_is_zero_past_the_end_token(tiny):
+    _, models = tiny
+    hidden = conditioning.encode_text(models, "a cat")
+    tokens = models.tokenizer.tokenize("a cat")
+    n = sum(tokens.attention_mask)
+    assert hidden.shape[:2] == (1, 512) and n == len("a cat") + 1
+    assert torch.count_nonzero(hidden[0, n:]) == 0 and torch.count_nonzero(hidden[0, :n]) > 0
