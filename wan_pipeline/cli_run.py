@@ -100,6 +100,10 @@ def configure_run_parser(p: argparse.ArgumentParser) -> None:
     _add_source_arguments(p)
     p.add_argument("--out", metavar="DIR", default="wan-bench-out", help="where the video and record go")
     p.add_argument("--format", choices=("mp4", "webp"), default="mp4", help="video container")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="sequence-parallel (Ulysses) generation over N local GPUs via torchrun, compared with the "
+                        "one-GPU run of the same preset")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per run with --gpus (default 3)")
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -110,11 +114,28 @@ def run_run(args: argparse.Namespace) -> int:
 
     configs = configs_from_args(args)
     mode = resolve_mode_for_plan(args.mode, args.models)
+    if args.gpus is not None:
+        return run_sequence_parallel_cli(args, configs, mode)
     for config in configs:
         record = run_and_save(config, mode=mode, models_dir=args.models, out_dir=args.out,
                               video_format=args.format, progress=True)
         print(f"{config.name}: {record['total_seconds']:.2f} s ({mode}); video {record['video']}; "
               f"record {record['record']}")
+    return 0
+
+
+def run_sequence_parallel_cli(args: argparse.Namespace, configs: list[RunConfig], mode: str) -> int:
+    from .distributed import run_sequence_parallel
+
+    if args.workflow or mode == "real":
+        raise WanBenchError("--gpus runs presets in synthetic (or tiny) mode; workflows and real weights run on one GPU")
+    config = configs[0]
+    summary = run_sequence_parallel(preset=config.name, mode=mode, degree=args.gpus, precision=config.precision,
+                                    attention=config.attention, rounds=args.rounds, out_dir=args.out)
+    mem = ", ".join(f"{b / 2**30:.1f}" for b in summary["per_rank_peak_memory_bytes"])
+    print(f"{config.name} ({mode}): 1 GPU {summary['single_gpu_seconds']:.2f} s, {args.gpus} GPUs "
+          f"{summary['parallel_seconds']:.2f} s: {summary['speedup']}x, efficiency {summary['efficiency']}; "
+          f"per-rank peak {mem} GiB; latent cosine vs 1 GPU {summary['latent_cosine_vs_single_gpu']:.5f}")
     return 0
 
 
