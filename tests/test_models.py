@@ -104,3 +104,14 @@ def test_text_encoding_is_zero_past_the_end_token(tiny):
     n = sum(tokens.attention_mask)
     assert hidden.shape[:2] == (1, 512) and n == len("a cat") + 1
     assert torch.count_nonzero(hidden[0, n:]) == 0 and torch.count_nonzero(hidden[0, :n]) > 0
+
+
+def test_auto_precision_is_what_comfyui_runs_fp8_scaled_files_with(monkeypatch):
+    from wan_pipeline.precision import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp8-scaled-mm"  # H100: fp8 matmul
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp8-upcast"  # A100: fp8 storage, bf16 math

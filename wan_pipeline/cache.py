@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelSetKey, RunConfig
-from .models import ModelSet, load_model_set
+from .models import ModelSet, load_model_set, resolve_run_precision
 from .pipeline import Prepared, configure
 from .plan import Plan, make_plan
 
@@ -35,7 +35,7 @@ class ModelCache:
 
     def prepare(self, config: RunConfig, mode: str) -> tuple[Plan, Prepared]:
         """The plan and a configured model set for `config`, loading only when the weights differ."""
-        plan = make_plan(config, mode)
+        plan = make_plan(resolve_run_precision(config, mode), mode)
         key = ModelSetKey.for_run(plan.config, mode, self.models_dir)
         if self.current is None or weights_key(self.current.key) != weights_key(key):
             self.evict()

@@ -17,7 +17,7 @@ EXPERTS = ("high", "low")
 SAMPLERS = ("euler",)
 SCHEDULERS = ("simple",)
 MODES = ("tiny", "synthetic", "real")
-PRECISIONS = ("bf16", "fp16", "fp8-upcast", "fp8-scaled-mm")
+PRECISIONS = ("auto", "bf16", "fp16", "fp8-upcast", "fp8-scaled-mm")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "sage", "flash-attn")
 
 # ComfyUI file names of the i2v A14B template (REFERENCE §1).
@@ -97,7 +97,7 @@ class RunConfig:
     text_encoder_file: str = TEXT_ENCODER
     vae_file: str = VAE
     attention: str = "sdpa"
-    precision: str = "bf16"
+    precision: str = "auto"  # what ComfyUI does with fp8_scaled files on this card (precision.resolve_precision)
     compile: bool = False
 
     def replace(self, **changes) -> "RunConfig":

@@ -8,6 +8,7 @@ CPU. Everything downstream (conditioning, sampler, pipeline) sees only a ModelSe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,18 @@ def resolve_mode(requested: str, models_dir: str | None, config: RunConfig | Non
         if has_model_files(models_dir, config or get_preset("seed-832x1216-49f")):
             return "real"
     return "synthetic" if torch.cuda.is_available() else "tiny"
+
+
+def run_device(mode: str) -> torch.device:
+    """Where a mode runs: tiny on the CPU, the others on the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() and mode != "tiny" else "cpu")
+
+
+def resolve_run_precision(config: RunConfig, mode: str) -> RunConfig:
+    """The configuration with `precision="auto"` replaced by what runs on this machine."""
+    from .precision import resolve_precision
+
+    return config.replace(precision=resolve_precision(config.precision, run_device(mode)))
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
@@ -268,7 +281,11 @@ def load_model_set(key: ModelSetKey, *, device: torch.device | None = None, seed
                    models_dir: str | None = None, config: RunConfig | None = None) -> ModelSet:
     """Load (real) or build (synthetic, tiny) every component of `key`, timed."""
     if device is None:
-        device = torch.device("cuda" if torch.cuda.is_available() and key.mode != "tiny" else "cpu")
+        device = run_device(key.mode)
+    if key.precision == "auto":
+        from .precision import resolve_precision
+
+        key = dataclasses.replace(key, precision=resolve_precision("auto", device))
     if key.mode == "synthetic" and device.type != "cuda":
         raise WanBenchError("synthetic mode builds the full A14B experts on a GPU; on a CPU use --mode tiny")
     dtype = compute_dtype(key.precision, device)

@@ -20,7 +20,7 @@ import torch
 
 from . import attention, conditioning
 from .config import ModelSetKey, RunConfig, config_to_dict
-from .models import ModelSet, Residency, load_model_set, working_memory_estimate
+from .models import ModelSet, Residency, load_model_set, resolve_run_precision, working_memory_estimate
 from .plan import Plan, make_plan
 from .sampler import flow_denoiser, run_pass
 
@@ -106,7 +106,7 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
 
 
 def prepare(config: RunConfig, mode: str, models_dir: str | None = None, seed: int = 0) -> tuple[Plan, Prepared]:
-    plan = make_plan(config, mode)
+    plan = make_plan(resolve_run_precision(config, mode), mode)
     key = ModelSetKey.for_run(plan.config, mode, models_dir)
     models = load_model_set(key, seed=seed, models_dir=models_dir, config=plan.config)
     return plan, configure(models, plan)

@@ -65,6 +65,16 @@ class Fp8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, matmul={'fp8' if self.matmul else 'upcast'}"
 
 
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """`auto` is what ComfyUI does with the template's fp8_scaled files on this device: fp8 matmul on sm >= 8.9,
+    fp8 storage upcast per layer on older GPUs, and plain float math on a CPU."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "bf16"
+    return "fp8-scaled-mm" if torch.cuda.get_device_capability(device) >= (8, 9) else "fp8-upcast"
+
+
 def check_fp8_matmul(device: torch.device) -> None:
     if device.type != "cuda":
         raise WanBenchError("precision fp8-scaled-mm needs a CUDA GPU (torch._scaled_mm); this run is on the CPU")

@@ -95,7 +95,7 @@ def read_options(config) -> WanOptions:
     if mode not in ("auto",) + MODES:
         raise pytest.UsageError(f"--wan-mode must be auto or one of {MODES}, got {mode!r}")
     attention = tuple(_csv(_option(config, "--wan-attention")) or ["sdpa"])
-    precision = tuple(_csv(_option(config, "--wan-precision")) or ["bf16"])
+    precision = tuple(_csv(_option(config, "--wan-precision")) or ["auto"])
     for name, values, allowed in (("--wan-attention", attention, ATTENTION_BACKENDS),
                                   ("--wan-precision", precision, PRECISIONS)):
         bad = [v for v in values if v not in allowed]
@@ -213,6 +213,7 @@ def default_presets(mode: str) -> tuple[str, ...]:
 
 def build_cases(options: WanOptions):
     from .case import WanCase
+    from .models import resolve_run_precision
 
     mode = resolved_mode(options)
     if options.workflow:
@@ -226,8 +227,8 @@ def build_cases(options: WanOptions):
         for precision in options.precision:
             for compile_on in options.compile:
                 for attention in options.attention:
-                    cases.append(WanCase(config.replace(attention=attention, precision=precision,
-                                                        compile=compile_on), mode))
+                    case_config = config.replace(attention=attention, precision=precision, compile=compile_on)
+                    cases.append(WanCase(resolve_run_precision(case_config, mode), mode))
     return cases
 
 
