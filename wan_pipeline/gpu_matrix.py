@@ -686,7 +686,7 @@ class MatrixController:
             tr.write_line(head, **({"green": True} if result.status == "ok" else {"red": True}))
             if result.problem:
                 tr.write_line(f"    {result.problem}", red=True)
-                for line in tail(result.log):
+                for line in ([] if result.problem_reported else tail(result.log)):  # else shown with its cases
                     tr.write_line(f"    | {line}")
             for line in log_section(result.log):
                 tr.write_line(f"    {line}")
