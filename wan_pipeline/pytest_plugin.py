@@ -31,6 +31,9 @@ _OPTIONS = (
     ("--wan-warmup", "WAN_WARMUP", "untimed warm-up generations per case (default 1)"),
     ("--wan-workflow", "WAN_WORKFLOW", "benchmark this ComfyUI workflow file and its matrix variants"),
     ("--wan-video", "WAN_VIDEO", "container of the saved clips: mp4 (default, needs imageio-ffmpeg) or webp"),
+    ("--wan-gpus", "WAN_GPUS", "spread the wan cases over GPUs, one worker pinned per GPU: all, a count or a comma "
+                               "list of device indices (tiny mode on a CPU: a count of CPU workers)"),
+    ("--wan-gpus-timeout", "WAN_GPUS_TIMEOUT", "seconds the --wan-gpus workers may run in all (default: no limit)"),
 )
 
 
@@ -38,6 +41,9 @@ def pytest_addoption(parser):
     group = parser.getgroup("wan-bench", "Wan 2.2 i2v benchmark suite")
     for option, env, help_text in _OPTIONS:
         group.addoption(option, default=None, help=f"{help_text} [env: {env}]")
+    from .gpu_matrix import addoption
+
+    addoption(group)
 
 
 def _option(config, option: str) -> str | None:
@@ -138,6 +144,9 @@ def pytest_configure(config):
     from .models import default_allocator_settings
 
     default_allocator_settings()
+    from .gpu_matrix import configure
+
+    configure(config)  # --wan-gpus: the controller of a matrix spread over GPUs; --wan-worker: one of its workers
 
 
 @pytest.hookimpl(tryfirst=True)
