@@ -172,3 +172,12 @@ def test_decode_reasons_names_every_bit():
 ])
 def test_gpu_slug(value, slug):
     assert telemetry.gpu_slug(value) == slug
+
+
+def test_snapshot_follows_cuda_visible_devices():
+    from wan_pipeline.telemetry import visible_gpu_index
+
+    assert visible_gpu_index({}) == 0
+    assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "3"}) == 3
+    assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "2,0"}) == 2
+    assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "GPU-8f1c"}) == 0

@@ -240,9 +240,19 @@ def _clock_event_mask(nvml, handle) -> int | None:
     return None
 
 
-def gpu_snapshot(index: int = 0) -> dict | None:
-    """The state of GPU `index` now (identity without UUID or serial, clocks, memory, heat, power, clock-event
-    reasons), or None when NVML is unavailable. Fields NVML cannot read are None. Never raises."""
+def visible_gpu_index(environ=None) -> int:
+    """The NVML index of the first GPU this process sees: NVML ignores CUDA_VISIBLE_DEVICES, so a worker pinned
+    to device 3 must ask NVML for device 3, not 0. Only numeric entries are understood (UUIDs fall back to 0)."""
+    first = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    return int(first) if first.isdigit() else 0
+
+
+def gpu_snapshot(index: int | None = None) -> dict | None:
+    """The state of GPU `index` now (default: the first one this process sees; identity without UUID or serial,
+    clocks, memory, heat, power, clock-event reasons), or None when NVML is unavailable. Fields NVML cannot read
+    are None. Never raises."""
+    if index is None:
+        index = visible_gpu_index()
     nvml = _nvml()
     if nvml is None:
         return None
