@@ -138,5 +138,3 @@ def run_sequence_parallel_cli(args: argparse.Namespace, configs: list[RunConfig]
           f"per-rank peak {mem} GiB; latent cosine vs 1 GPU {summary['latent_cosine_vs_single_gpu']:.5f}")
     return 0
 
-
-__all__ = ["WanBenchError"]
