@@ -647,8 +647,11 @@ class MatrixController:
         # the hooks a single session applies to its JSON (the speed-up over stock diffusers, now across workers)
         hook.pytest_benchmark_update_json(config=self.config, benchmarks=bs.benchmarks, output_json=merged)
         if bs.json:
-            target = getattr(bs.json, "name", None)
-            if isinstance(target, str) and not target.startswith("<"):
+            # pytest-benchmark 5.3 keeps --benchmark-json as a path, older releases as an open file
+            target = os.fspath(bs.json) if isinstance(bs.json, (str, os.PathLike)) else getattr(bs.json, "name", None)
+            if isinstance(bs.json, (str, os.PathLike)):
+                atomic_write_json(target, merged)
+            elif isinstance(target, str) and not target.startswith("<"):
                 bs.json.close()
                 atomic_write_json(target, merged)
             else:  # a stream (stdout)
