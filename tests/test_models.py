@@ -115,3 +115,15 @@ def test_auto_precision_is_what_comfyui_runs_fp8_scaled_files_with(monkeypatch):
     assert resolve_precision("auto", torch.device("cuda", 0)) == "fp8-scaled-mm"  # H100: fp8 matmul
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     assert resolve_precision("auto", torch.device("cuda", 0)) == "fp8-upcast"  # A100: fp8 storage, bf16 math
+
+
+def test_real_experts_park_in_cpu_memory_when_they_do_not_fit():
+    from wan_pipeline.models import expert_load_device
+
+    cuda = torch.device("cuda", 0)
+    fp8_expert = int(14.3 * GB)
+    assert expert_load_device(cuda, int(85.5 * GB), [fp8_expert] * 2, keep_fp8=True) == cuda  # H100, fp8
+    assert expert_load_device(cuda, int(85.5 * GB), [fp8_expert] * 2, keep_fp8=False) == cuda  # bf16: 57 GB
+    assert expert_load_device(cuda, int(51.0 * GB), [fp8_expert] * 2, keep_fp8=False) == torch.device("cpu")
+    assert expert_load_device(cuda, int(25.7 * GB), [fp8_expert] * 2, keep_fp8=True) == torch.device("cpu")  # 24 GB
+    assert expert_load_device(torch.device("cpu"), None, [fp8_expert] * 2, keep_fp8=True) == torch.device("cpu")

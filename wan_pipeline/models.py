@@ -297,7 +297,7 @@ def load_model_set(key: ModelSetKey, *, device: torch.device | None = None, seed
     from .precision import apply_precision
 
     for name, expert in models.experts.items():
-        models.notes += apply_precision(expert, key.precision, dtype)
+        models.notes += apply_precision(expert, key.precision, dtype, run_on=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     models.load_seconds = time.perf_counter() - start
@@ -337,17 +337,31 @@ def _load_real(key: ModelSetKey, device: torch.device, dtype: torch.dtype, model
         raise WanBenchError("real mode needs the run configuration to know which files to load")
     files = loading.find_model_files(models_dir, config)
     keep_fp8 = key.precision in ("fp8-upcast", "fp8-scaled-mm")
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    park = expert_load_device(device, total, [files.experts[e[0]].model.stat().st_size for e in key.experts],
+                              keep_fp8)
     experts = {}
     for expert, _model_file, _lora, _strength in key.experts:
         found = files.experts[expert]
         weights = loading.load_expert_weights(found.model, lora_path=found.lora, lora_strength=found.lora_strength,
                                               compute_dtype=dtype, keep_fp8=keep_fp8)
-        model = loading.load_transformer(weights, device=device, dtype=dtype)
+        model = loading.load_transformer(weights, device=park, dtype=dtype)
         experts[expert] = attach_fp8_scales(model, weights.fp8_scales, weights.input_scales, dtype)
     text_encoder, tokenizer = loading.load_text_encoder(files.text_encoder, device=device, dtype=dtype)
     vae = loading.load_vae(files.vae, device=device, dtype=dtype)
     return ModelSet(key=key, experts=experts, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
                     device=device, dtype=dtype, notes=[f"real: weights from {files.root} ({files.layout} layout)"])
+
+
+def expert_load_device(device: torch.device, device_bytes: int | None, file_bytes: list[int],
+                       keep_fp8: bool) -> torch.device:
+    """Where real experts are loaded: on the device when all of them fit with room to run, else in CPU memory,
+    from where the residency policy brings one at a time (a 24 GB card with two 14 GB fp8 experts)."""
+    if device.type != "cuda" or device_bytes is None:
+        return device
+    # fp8 files dequantized to bf16 double in size; 12 GiB for the text encoder, VAE and working memory
+    needed = sum(file_bytes) * (1 if keep_fp8 else 2) + 12 * 2**30
+    return device if needed <= device_bytes else torch.device("cpu")
 
 
 def attach_fp8_scales(model: torch.nn.Module, scales: dict, input_scales: dict, dtype: torch.dtype):

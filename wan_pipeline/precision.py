@@ -86,18 +86,20 @@ def check_fp8_matmul(device: torch.device) -> None:
         )
 
 
-def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype) -> list[str]:
+def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
+                    run_on: torch.device | None = None) -> list[str]:
     """Swap the transformer blocks' Linear layers for Fp8Linear when an fp8 mode is asked for.
 
     A weight already stored in fp8 (a real fp8_scaled file) keeps its file scale; others are quantized per tensor.
-    Returns notes for the result record.
+    `run_on` is the device the model will run on (it may be parked in CPU memory now). Returns notes for the
+    result record.
     """
     if precision not in ("fp8-upcast", "fp8-scaled-mm"):
         return []
     matmul = precision == "fp8-scaled-mm"
     device = next(transformer.parameters()).device
     if matmul:
-        check_fp8_matmul(device)
+        check_fp8_matmul(run_on or device)
     blocks = getattr(transformer, "blocks", None)
     if blocks is None:
         raise WanBenchError(f"precision {precision}: {type(transformer).__name__} has no transformer blocks")
