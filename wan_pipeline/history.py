@@ -50,7 +50,9 @@ _VOLATILE_MACHINE_KEYS = re.compile(
 )
 # extra_info keys that are measurements, not settings.
 _MEASURED_EXTRA_KEYS = re.compile(
-    r"^(stages|peak_memory|gpu|throttled|env|metrics|video|compile\.compile_seconds|compile\.recompiles)(\..*)?$"
+    r"^(stages|peak_memory|gpu|throttled|env|metrics|metrics_meaningful|video|notes|load_seconds|effective_tflops"
+    r"|stock_diffusers_seconds|speedup_vs_stock_diffusers|attention\.auto_timings|compile\.compile_seconds"
+    r"|compile\.warmup_seconds|compile\.graphs_compiled_in_warmup|compile\.recompiles)(\..*)?$"
 )
 
 
