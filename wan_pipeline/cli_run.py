@@ -107,7 +107,7 @@ def configure_run_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from .models import default_allocator_settings
+    from .config import default_allocator_settings
 
     default_allocator_settings()
     from .pipeline import run_and_save

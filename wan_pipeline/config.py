@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -231,3 +232,8 @@ class ModelSetKey:
             compile=config.compile,
         )
 
+
+def default_allocator_settings() -> None:
+    """Expandable segments unless the user chose an allocator: 14B experts plus a VAE at 49 frames leave little
+    room for fragmentation on an 80 GB card. Must run before CUDA is initialised; recorded in the fingerprint."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

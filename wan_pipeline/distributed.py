@@ -134,7 +134,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from .config import ModelSetKey
-    from .models import default_allocator_settings, load_model_set
+    from .config import default_allocator_settings
+    from .models import load_model_set
     from .pipeline import configure, generate, write_json_atomic
     from .plan import make_plan
     from .presets import get_preset

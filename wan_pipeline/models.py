@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -50,12 +49,6 @@ WAN21_VAE: dict = {}
 TINY_VAE = dict(base_dim=8, num_res_blocks=1)
 
 TEXT_CONTEXT = 512  # UMT5 tokens the experts attend to (ComfyUI pads to at least 512)
-
-
-def default_allocator_settings() -> None:
-    """Expandable segments unless the user chose an allocator: 14B experts plus a VAE at 49 frames leave little
-    room for fragmentation on an 80 GB card. Must run before CUDA is initialised; recorded in the fingerprint."""
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def resolve_mode(requested: str, models_dir: str | None, config: RunConfig | None = None) -> str:

@@ -141,7 +141,7 @@ def pytest_configure(config):
             get_preset(name)
         except Exception as exc:
             raise pytest.UsageError(str(exc)) from None
-    from .models import default_allocator_settings
+    from .config import default_allocator_settings
 
     default_allocator_settings()
     from .gpu_matrix import configure
