@@ -307,3 +307,32 @@ def test_fixtures_are_up_to_date(tmp_path):
         sys.path.remove(FIX)
     assert copy.deepcopy(make_fixtures.users_variant()) == _load("users_variant.json")
     assert make_fixtures.to_api(make_fixtures.users_variant()) == _load("users_variant_api.json")
+
+
+def test_load_image_is_found_next_to_the_workflow_or_in_comfyui_input(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from wan_pipeline.workflow import WorkflowError, load_workflow_configs, locate_input_image
+
+    source = Path(__file__).parent.parent / "fixtures" / "workflows" / "users_variant.json"
+    workflow = tmp_path / "wf" / "users_variant.json"
+    workflow.parent.mkdir()
+    shutil.copy(source, workflow)
+    config = load_workflow_configs(workflow)[0]
+    assert config.image == "portrait.png"
+
+    with pytest.raises(WorkflowError, match="LoadImage file 'portrait.png' was not found"):
+        locate_input_image(config, workflow, None, "real")
+    with pytest.warns(UserWarning, match="uses the built-in test card"):
+        assert locate_input_image(config, workflow, None, "synthetic").image is None
+
+    comfy = tmp_path / "ComfyUI"
+    (comfy / "input").mkdir(parents=True)
+    (comfy / "models").mkdir()
+    (comfy / "input" / "portrait.png").write_bytes(b"png")
+    assert locate_input_image(config, workflow, str(comfy / "models"), "real").image == str(
+        comfy / "input" / "portrait.png")
+    (workflow.parent / "portrait.png").write_bytes(b"png")
+    assert locate_input_image(config, workflow, str(comfy / "models"), "real").image == str(
+        workflow.parent / "portrait.png")

@@ -28,9 +28,11 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
 
 def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     if args.workflow:
-        from .workflow import load_workflow_configs
+        from .workflow import load_workflow_configs, locate_input_image
 
-        configs = load_workflow_configs(args.workflow)
+        mode = resolve_mode_for_plan(args.mode, args.models)
+        configs = [locate_input_image(c, args.workflow, args.models, mode)
+                   for c in load_workflow_configs(args.workflow)]
     else:
         configs = [get_preset(args.preset)]
     overrides = {}

@@ -226,9 +226,10 @@ def build_cases(options: WanOptions):
 
     mode = resolved_mode(options)
     if options.workflow:
-        from .workflow import load_workflow_configs, workflow_matrix
+        from .workflow import load_workflow_configs, locate_input_image, workflow_matrix
 
-        configs = [v for c in load_workflow_configs(options.workflow) for v in workflow_matrix(c)]
+        configs = [v for c in load_workflow_configs(options.workflow)
+                   for v in workflow_matrix(locate_input_image(c, options.workflow, options.models_dir, mode))]
     else:
         configs = [get_preset(n) for n in (options.presets or default_presets(mode))]
     cases = []

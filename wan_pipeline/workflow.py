@@ -40,6 +40,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import SAMPLERS, SCHEDULERS, ConfigError, PassConfig, RunConfig
 from .errors import WorkflowError
@@ -1030,3 +1031,30 @@ def _safe_eval(expression: str, names: dict):
     if isinstance(result, float) and not math.isfinite(result):
         raise _ExprError(f"result {result} is not finite")
     return result
+
+
+def locate_input_image(config: RunConfig, workflow_path, models_dir: str | None, mode: str) -> RunConfig:
+    """Find the workflow's LoadImage file the way a ComfyUI install would have it: next to the workflow, in the
+    ComfyUI `input/` folder beside the models folder, in $WAN_INPUT_DIR, or as given. Missing in real mode is an
+    error naming the folders searched; in synthetic and tiny mode (random weights, the video is noise) the run uses
+    the built-in test card and says so."""
+    if config.image is None:
+        return config
+    name = Path(config.image)
+    folders = [Path(workflow_path).parent]
+    if models_dir:
+        models = Path(models_dir)
+        folders += [models.parent / "input", models / "input", models.parent.parent / "input"]
+    if os.environ.get("WAN_INPUT_DIR"):
+        folders.append(Path(os.environ["WAN_INPUT_DIR"]))
+    candidates = [name] if name.is_absolute() else [f / name for f in folders] + [name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return config.replace(image=str(candidate))
+    searched = ", ".join(str(c.parent) for c in candidates)
+    if mode == "real":
+        raise WorkflowError(f"{workflow_path}: LoadImage file {config.image!r} was not found (searched {searched}); "
+                            f"put it next to the workflow or set WAN_INPUT_DIR to ComfyUI's input folder")
+    warnings.warn(f"{workflow_path}: LoadImage file {config.image!r} not found (searched {searched}); {mode} mode "
+                  f"uses the built-in test card instead", stacklevel=2)
+    return config.replace(image=None)
