@@ -80,7 +80,7 @@ def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str
     import torch
 
     from .models import A14B_TRANSFORMER, TINY_TRANSFORMER
-    from .pipeline import write_json_atomic
+    from .history import atomic_write_json
 
     heads = (TINY_TRANSFORMER if mode == "tiny" else A14B_TRANSFORMER)["num_attention_heads"]
     available = torch.cuda.device_count() if mode != "tiny" else max(degree, 1)
@@ -97,9 +97,7 @@ def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str
         launch(n, common, out / f"{tag}.log", timeout)
         records[n] = json.loads((out / f"{tag}.json").read_text())
     single, parallel = records[1], records[degree]
-    import torch as _torch
-
-    latents = {n: _torch.load(out / f"{preset}-{mode}-gpus{n}.latent.pt") for n in records}
+    latents = {n: torch.load(out / f"{preset}-{mode}-gpus{n}.latent.pt") for n in records}
     from .reference import cosine
 
     summary = {
@@ -111,7 +109,7 @@ def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str
         "latent_cosine_vs_single_gpu": cosine(latents[degree], latents[1]),
         "stages_single": single["stages"], "stages_parallel": parallel["stages"],
     }
-    write_json_atomic(out / f"{preset}-{mode}-sequence-parallel-{degree}.json", summary)
+    atomic_write_json(out / f"{preset}-{mode}-sequence-parallel-{degree}.json", summary)
     return summary
 
 
@@ -136,7 +134,8 @@ def worker_main(argv: list[str] | None = None) -> int:
     from .config import ModelSetKey
     from .config import default_allocator_settings
     from .models import load_model_set
-    from .pipeline import configure, generate, write_json_atomic
+    from .history import atomic_write_json
+    from .pipeline import configure, generate
     from .plan import make_plan
     from .presets import get_preset
 
@@ -174,7 +173,7 @@ def worker_main(argv: list[str] | None = None) -> int:
             out = Path(args.out)
             torch.save(rounds[-1].latent, out / f"{args.tag}.latent.pt")
             names = list(rounds[-1].seconds)
-            write_json_atomic(out / f"{args.tag}.json", {
+            atomic_write_json(out / f"{args.tag}.json", {
                 "preset": args.preset, "mode": args.mode, "world_size": world, "tokens": plan.tokens,
                 "round_seconds": [g.total_seconds for g in rounds],
                 "median_seconds": statistics.median(g.total_seconds for g in rounds),

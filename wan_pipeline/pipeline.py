@@ -8,9 +8,7 @@ is the CLI's whole job (plan, prepare, generate, write the video and the JSON re
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ import torch
 
 from . import attention, conditioning
 from .config import ModelSetKey, RunConfig, config_to_dict
+from .history import atomic_write_json
 from .models import ModelSet, Residency, load_model_set, resolve_run_precision, working_memory_estimate
 from .plan import Plan, make_plan
 from .sampler import flow_denoiser, run_pass
@@ -165,24 +164,6 @@ def _progress_bar(plan: Plan):
     return tqdm(total=sum(p.steps_run for p in plan.passes), desc=f"{plan.config.name} ({plan.mode})", unit="step")
 
 
-def write_json_atomic(path: Path, data) -> Path:
-    """Write JSON to a temporary file in the same folder, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def result_record(plan: Plan, prepared: Prepared, gen: Generation, extra: dict | None = None) -> dict:
     """The JSON record of one generation: configuration, plan, stage times, memory, kernel, environment."""
     from .telemetry import environment_fingerprint, gpu_snapshot
@@ -226,5 +207,5 @@ def run_and_save(config: RunConfig, *, mode: str, models_dir: str | None, out_di
         "metrics_meaningful": plan.mode == "real",
     })
     record["record"] = str(out / f"{stem}.json")
-    write_json_atomic(Path(record["record"]), record)
+    atomic_write_json(record["record"], record)
     return record

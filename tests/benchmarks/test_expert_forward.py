@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from wan_pipeline.case import forward_flops
-from wan_pipeline.pipeline import write_json_atomic
+from wan_pipeline.history import atomic_write_json
 from wan_pipeline.pytest_plugin import out_of_memory_isolation
 from wan_pipeline.reference import cosine, forward_inputs
 
@@ -59,7 +59,7 @@ def test_expert_forward(benchmark, wan_case, wan_model_cache, wan_options, wan_f
         "flops": flops, "effective_tflops": round(flops / median / 1e12, 1) if median else None,
         "cosine_vs_bf16_sdpa": similarity,
     })
-    write_json_atomic(wan_options.out / f"forward-{wan_case.id}.json",
+    atomic_write_json(wan_options.out / f"forward-{wan_case.id}.json",
                       {**benchmark.extra_info, "median_seconds": median,
                        "round_seconds": list(benchmark.stats.stats.data) if benchmark.stats else None})
     wan_report.append(

@@ -8,7 +8,7 @@ import pytest
 
 from wan_pipeline.case import CaseRun
 from wan_pipeline.metrics import compute_metrics
-from wan_pipeline.pipeline import write_json_atomic
+from wan_pipeline.history import atomic_write_json
 from wan_pipeline.pytest_plugin import out_of_memory_isolation
 from wan_pipeline.video import write_video
 
@@ -29,7 +29,7 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
     video = write_video(last.frames, wan_options.out / f"{wan_case.id}.{wan_options.video}", plan.config.fps)
     info = run.extra_info(load_seconds=load_seconds, metrics=metrics, video=str(video))
     benchmark.extra_info.update(info)
-    write_json_atomic(wan_options.out / f"{wan_case.id}.json", run.record(info))
+    atomic_write_json(wan_options.out / f"{wan_case.id}.json", run.record(info))
 
     gpu = prepared.models.device_name
     budget = wan_budgets.budget_for(gpu, plan.config.name, plan.mode, plan.config.attention, plan.config.compile,
