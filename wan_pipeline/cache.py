@@ -18,11 +18,6 @@ from .pipeline import Prepared, configure
 from .plan import Plan, make_plan
 
 
-def weights_key(key: ModelSetKey) -> ModelSetKey:
-    """What forces a reload: everything but the attention kernel, which is re-installed in place."""
-    return ModelSetKey(**{**key.__dict__, "attention": "*"})
-
-
 @dataclass
 class ModelCache:
     models_dir: str | None = None
@@ -37,7 +32,7 @@ class ModelCache:
         """The plan and a configured model set for `config`, loading only when the weights differ."""
         plan = make_plan(resolve_run_precision(config, mode), mode)
         key = ModelSetKey.for_run(plan.config, mode, self.models_dir)
-        if self.current is None or weights_key(self.current.key) != weights_key(key):
+        if self.current is None or self.current.key.weights() != key.weights():
             self.evict()
             start = time.perf_counter()
             self.current = self.loader(key, device=self.device, seed=self.seed, models_dir=self.models_dir,

@@ -232,6 +232,10 @@ class ModelSetKey:
             compile=config.compile,
         )
 
+    def weights(self) -> "ModelSetKey":
+        """What forces a reload: everything but the attention kernel, which is re-installed in place."""
+        return dataclasses.replace(self, attention="*")
+
 
 def default_allocator_settings() -> None:
     """Expandable segments unless the user chose an allocator: 14B experts plus a VAE at 49 frames leave little

@@ -193,8 +193,6 @@ def shard(items: Sequence[ShardItem], workers: int) -> list[list[str]]:
 def shard_item(item) -> ShardItem | None:
     """The ShardItem of a collected test with a wan case (None for any other test): keys from the weights it loads,
     its cost from the plan (model FLOPs of the forwards it times)."""
-    from dataclasses import replace
-
     from .case import forward_flops
     from .config import ModelSetKey
     from .plan import make_plan
@@ -203,7 +201,7 @@ def shard_item(item) -> ShardItem | None:
     case = _case_of(item)
     if case is None:
         return None
-    key = replace(ModelSetKey.for_run(case.config, case.mode, None), attention="*")  # what forces a reload
+    key = ModelSetKey.for_run(case.config, case.mode, None).weights()
     preset = f"{case.config.name}|{case.mode}"
     keys = [f"models:{key!r}"]
     plan = make_plan(case.config, case.mode)

@@ -287,8 +287,7 @@ def pytest_collection_modifyitems(session, config, items):
         case = _case_of(item)
         if case is None:
             return (0, "", index)
-        key = ModelSetKey.for_run(case.config, case.mode, None)
-        return (1, f"{key.experts}|{key.precision}|{key.compile}", index)
+        return (1, repr(ModelSetKey.for_run(case.config, case.mode, None).weights()), index)
 
     items[:] = [item for _, item in sorted(enumerate(items), key=load_order)]
 
