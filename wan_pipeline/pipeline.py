@@ -53,10 +53,6 @@ class StageTimer:
                 peak = torch.cuda.max_memory_allocated(self.device)
                 self.peak_bytes[name] = max(self.peak_bytes.get(name, 0), peak)
 
-    @property
-    def total(self) -> float:
-        return sum(self.seconds.values())
-
 
 @dataclass
 class Prepared:
@@ -66,6 +62,7 @@ class Prepared:
     kernel: attention.KernelChoice
     residency: Residency
     compile_enabled: bool
+    image: np.ndarray  # the start image as loaded (ComfyUI's LoadImage: read once, not part of a round)
     notes: list[str] = field(default_factory=list)
 
 
@@ -75,7 +72,6 @@ class Generation:
     latent: torch.Tensor  # final VAE-space latent (float32, CPU)
     seconds: dict[str, float]
     peak_bytes: dict[str, int]
-    image: np.ndarray  # the start image as given (uint8)
 
     @property
     def total_seconds(self) -> float:
@@ -88,7 +84,8 @@ def expert_attention_shape(models: ModelSet) -> tuple[int, int]:
 
 
 def configure(models: ModelSet, plan: Plan) -> Prepared:
-    """Install the attention kernel (profiled to prove which one runs), compile if asked, decide residency."""
+    """Install the attention kernel (profiled to prove which one runs), compile if asked, decide residency, and
+    load the start image."""
     heads, head_dim = expert_attention_shape(models)
     kernel, choice = attention.choose(plan.config.attention, tokens=plan.tokens, heads=heads, head_dim=head_dim,
                                       device=models.device, dtype=models.dtype)
@@ -101,7 +98,8 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
         models._compiled = True
     inner = heads * head_dim
     residency = Residency(models, working_memory_estimate(plan.tokens, plan.width, plan.height, inner))
-    return Prepared(models, choice, residency, compile_enabled, list(models.notes))
+    image = conditioning.start_image(plan.config.image, plan.width, plan.height)
+    return Prepared(models, choice, residency, compile_enabled, image, list(models.notes))
 
 
 def prepare(config: RunConfig, mode: str, models_dir: str | None = None, seed: int = 0) -> tuple[Plan, Prepared]:
@@ -126,8 +124,7 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
 
     with timer.stage("image_encode"):
         residency.need("vae")
-        image = conditioning.start_image(config.image, plan.width, plan.height)
-        image01 = conditioning.upscale_center(image, plan.width, plan.height)
+        image01 = conditioning.upscale_center(prepared.image, plan.width, plan.height)
         concat = conditioning.image_conditioning(models, image01, plan)
 
     latent = torch.zeros(plan.latent_shape, dtype=torch.float32, device=models.device)
@@ -147,7 +144,7 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
         residency.need("vae")
         frames = conditioning.decode(models, latent)
 
-    return Generation(frames, latent.cpu(), dict(timer.seconds), dict(timer.peak_bytes), image)
+    return Generation(frames, latent.cpu(), dict(timer.seconds), dict(timer.peak_bytes))
 
 
 def _call(model):
@@ -200,7 +197,7 @@ def run_and_save(config: RunConfig, *, mode: str, models_dir: str | None, out_di
     out = Path(out_dir)
     stem = f"{plan.config.name}-{plan.mode}-seed{plan.config.seed}"
     video_path = write_video(gen.frames, out / f"{stem}.{video_format}", plan.config.fps)
-    metrics = compute_metrics(gen.frames, gen.image)
+    metrics = compute_metrics(gen.frames, prepared.image)
     record = result_record(plan, prepared, gen, {
         "video": str(video_path),
         "metrics": metrics,

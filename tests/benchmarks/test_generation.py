@@ -25,7 +25,7 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
         run.finish()
 
     last = run.rounds[-1]
-    metrics = compute_metrics(last.frames, last.image)
+    metrics = compute_metrics(last.frames, prepared.image)
     video = write_video(last.frames, wan_options.out / f"{wan_case.id}.{wan_options.video}", plan.config.fps)
     info = run.extra_info(load_seconds=load_seconds, metrics=metrics, video=str(video))
     benchmark.extra_info.update(info)

@@ -6,7 +6,6 @@ boundary). The speed-up of every generation case over it is added to the JSON at
 
 import pytest
 
-from wan_pipeline import conditioning
 from wan_pipeline.pytest_plugin import out_of_memory_isolation
 from wan_pipeline.reference import run_stock, stock_pipeline
 
@@ -17,9 +16,8 @@ def test_stock_diffusers(benchmark, wan_stock_case, wan_model_cache, wan_options
         plan, prepared = wan_model_cache.prepare(wan_stock_case.config, wan_stock_case.mode)
         prepared.residency.place_all()  # the stock pipeline keeps every module on the device
         pipe = stock_pipeline(prepared.models, plan)
-        image = conditioning.start_image(plan.config.image, plan.width, plan.height)
-        run_stock(pipe, plan, image)  # warm-up
-        benchmark.pedantic(run_stock, args=(pipe, plan, image), rounds=wan_options.rounds, iterations=1)
+        run_stock(pipe, plan, prepared.image)  # warm-up
+        benchmark.pedantic(run_stock, args=(pipe, plan, prepared.image), rounds=wan_options.rounds, iterations=1)
     benchmark.extra_info.update({
         "mode": plan.mode, "preset": plan.config.name, "tokens": plan.tokens, "frames": plan.frames,
         "width": plan.width, "height": plan.height, "reference": "diffusers WanImageToVideoPipeline",
