@@ -127,3 +127,23 @@ def test_real_experts_park_in_cpu_memory_when_they_do_not_fit():
     assert expert_load_device(cuda, int(51.0 * GB), [fp8_expert] * 2, keep_fp8=False) == torch.device("cpu")
     assert expert_load_device(cuda, int(25.7 * GB), [fp8_expert] * 2, keep_fp8=True) == torch.device("cpu")  # 24 GB
     assert expert_load_device(torch.device("cpu"), None, [fp8_expert] * 2, keep_fp8=True) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("policy, name, evicted", [
+    ("resident", "expert:high", []),
+    ("offload-text-encoder", "expert:high", ["text_encoder"]),
+    ("offload-text-encoder", "text_encoder", []),
+    ("offload-idle-expert", "expert:high", ["text_encoder", "expert:low"]),
+    ("offload-idle-expert", "text_encoder", ["expert:high", "expert:low"]),
+    ("offload-idle-expert", "vae", ["text_encoder"]),
+])
+def test_residency_evicts_what_the_policy_says(monkeypatch, policy, name, evicted):
+    import wan_pipeline.models as models
+
+    monkeypatch.setattr(models, "parameter_bytes", lambda m: m if isinstance(m, int) else 0)
+    residency = Residency(FakeSet(int(14.3 * GB), int(11.4 * GB)), reserve_bytes=0, total_bytes=int(100 * GB))
+    residency.policy = policy
+    moves = []
+    monkeypatch.setattr(residency, "_place", lambda n, device: moves.append((n, str(device))))
+    residency.need(name)
+    assert moves == [(n, "cpu") for n in evicted] + [(name, "cuda")]

@@ -8,7 +8,6 @@ read from a one-off profiler pass (GPU kernel names), not from the flag.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import time
 from dataclasses import dataclass
@@ -250,13 +249,3 @@ def choose(requested: str, *, tokens: int, heads: int, head_dim: int, device: to
                                    f"x {head_dim} ({dtype}): {exc}") from exc
     del q, k, v
     return AttentionKernel(backend, fn), KernelChoice(requested, backend, family, tuple(names), timings)
-
-
-def installed_versions() -> dict:
-    out = {}
-    for dist in ("sageattention", "flash-attn", "triton"):
-        try:
-            out[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            out[dist] = None
-    return out

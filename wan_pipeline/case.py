@@ -10,7 +10,6 @@ import statistics
 import time
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .config import RunConfig, config_to_dict
 from .pipeline import STAGES, Generation, Prepared, generate
@@ -45,7 +44,6 @@ def _compiled_graph_count() -> int:
 class CaseRun:
     plan: Plan
     prepared: Prepared
-    out_dir: Path | None = None
     rounds: list[Generation] = field(default_factory=list)
     warmup_seconds: list[float] = field(default_factory=list)
     gpu_before: dict | None = None
@@ -141,7 +139,6 @@ class CaseRun:
             "video": video,
             "notes": prepared.notes,
         }
-
 
     def record(self, info: dict) -> dict:
         """The JSON result record written next to the case's video: configuration, plan and extra_info."""

@@ -183,22 +183,6 @@ def config_to_dict(config: RunConfig) -> dict:
     return dataclasses.asdict(config)
 
 
-def config_from_dict(data: dict) -> RunConfig:
-    """Inverse of config_to_dict; unknown keys are an error naming them."""
-    known = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"unknown configuration keys: {sorted(unknown)}")
-    pass_fields = {f.name for f in dataclasses.fields(PassConfig)}
-    passes = []
-    for i, p in enumerate(data.get("passes", ()), 1):
-        extra = set(p) - pass_fields
-        if extra:
-            raise ConfigError(f"pass {i}: unknown keys {sorted(extra)}")
-        passes.append(PassConfig(**p))
-    return RunConfig(**{**data, "passes": tuple(passes)})
-
-
 @dataclass(frozen=True)
 class ModelSetKey:
     """What must be loaded for a run: runs with equal keys share loaded models."""

@@ -162,11 +162,6 @@ class ModelSet:
     dtype: torch.dtype
     load_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
-    residency: "Residency | None" = None
-
-    @property
-    def mode(self) -> str:
-        return self.key.mode
 
     @property
     def device_name(self) -> str | None:
@@ -229,19 +224,15 @@ class Residency:
             module.to(device, non_blocking=False)
 
     def need(self, name: str) -> None:
-        """Make `name` resident on the device, evicting what the policy says must leave."""
+        """Make `name` resident on the device, evicting what the policy says must leave: the text encoder for
+        anything else, and (one expert at a time) the other experts for an expert or the text encoder."""
         if self.device.type != "cuda":
             return
-        if self.policy == "offload-idle-expert" and name.startswith("expert:"):
-            for other in self.sizes:
-                if other.startswith("expert:") and other != name:
-                    self._place(other, "cpu")
-            self._place("text_encoder", "cpu")
         if self.policy != "resident" and name != "text_encoder":
             self._place("text_encoder", "cpu")
-        if self.policy == "offload-idle-expert" and name == "text_encoder":
+        if self.policy == "offload-idle-expert" and name != "vae":
             for other in self.sizes:
-                if other.startswith("expert:"):
+                if other.startswith("expert:") and other != name:
                     self._place(other, "cpu")
         self._place(name, self.device)
 
