@@ -102,6 +102,7 @@ class CaseRun:
             warnings.warn(f"{plan.config.name}: the GPU reported {', '.join(throttled)} during the timed rounds; "
                           f"these timings may reflect a hot or power-capped card, not the software")
         median_total = self.median_seconds if self.rounds else None
+        stages = self.stage_medians
         warm = self.warmup_seconds[0] if self.warmup_seconds else None
         recompiles = self.graphs_after_rounds - self.graphs_before_rounds
         return {
@@ -113,7 +114,7 @@ class CaseRun:
             "height": plan.height,
             "forwards": plan.forwards,
             "scaled_from": list(plan.scaled_from) if plan.scaled_from else None,
-            "stages": {k: round(v, 6) for k, v in self.stage_medians.items()},
+            "stages": {k: round(v, 6) for k, v in stages.items()},
             "peak_memory": {"torch_peak_bytes": peak_torch, "nvml_used_bytes": nvml_used},
             "attention_kernel": prepared.kernel.kernel,
             "attention": prepared.kernel.to_json(),
@@ -133,7 +134,7 @@ class CaseRun:
             if device.type == "cuda" else None,
             "throttled": bool(throttled),
             "env": environment_fingerprint(),
-            "effective_tflops": effective_tflops(plan, prepared, self.stage_medians),
+            "effective_tflops": effective_tflops(plan, prepared, stages),
             "metrics": metrics,
             "metrics_meaningful": plan.mode == "real",
             "video": video,
@@ -156,13 +157,17 @@ def forward_flops(tokens: int, text_tokens: int = 512, dim: int = 5120, ffn: int
     return float(layers * (per_layer_linear + self_attn + cross_attn))
 
 
+def expert_forward_flops(tokens: int, expert) -> float:
+    """forward_flops for the loaded expert's own width, FFN size and depth (tiny and A14B alike)."""
+    cfg = expert.config
+    return forward_flops(tokens, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim,
+                         layers=cfg.num_layers)
+
+
 def effective_tflops(plan: Plan, prepared: Prepared, stages: dict[str, float]) -> float | None:
     """Model FLOP/s over the sampling passes (what fraction of the card's peak the experts reach)."""
-    expert = next(iter(prepared.models.experts.values()))
-    cfg = expert.config
     seconds = sum(v for k, v in stages.items() if k.startswith("pass"))
     if not seconds:
         return None
-    flops = forward_flops(plan.tokens, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim,
-                          layers=cfg.num_layers) * plan.forwards
+    flops = expert_forward_flops(plan.tokens, next(iter(prepared.models.experts.values()))) * plan.forwards
     return round(flops / seconds / 1e12, 3)

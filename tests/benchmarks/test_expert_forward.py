@@ -4,10 +4,12 @@ Its output is compared with the bf16 SDPA output on the same inputs (cosine simi
 shows what it costs in numerics.
 """
 
+import time
+
 import pytest
 import torch
 
-from wan_pipeline.case import forward_flops
+from wan_pipeline.case import expert_forward_flops
 from wan_pipeline.history import atomic_write_json
 from wan_pipeline.pytest_plugin import out_of_memory_isolation
 from wan_pipeline.reference import cosine, forward_inputs
@@ -33,8 +35,6 @@ def test_expert_forward(benchmark, wan_case, wan_model_cache, wan_options, wan_f
             _synchronize(models.device)
             return out
 
-        import time
-
         start = time.perf_counter()
         output = forward()  # warm-up: lazy init, autotuning, compile
         warmup_seconds = time.perf_counter() - start
@@ -48,9 +48,7 @@ def test_expert_forward(benchmark, wan_case, wan_model_cache, wan_options, wan_f
         wan_forward_references[key] = output
     similarity = cosine(output, reference) if reference is not None else (1.0 if is_reference else None)
     median = benchmark.stats.stats.median if benchmark.stats else None
-    cfg = expert.config
-    flops = forward_flops(plan.tokens, dim=cfg.num_attention_heads * cfg.attention_head_dim, ffn=cfg.ffn_dim,
-                          layers=cfg.num_layers)
+    flops = expert_forward_flops(plan.tokens, expert)
     benchmark.extra_info.update({
         "mode": plan.mode, "preset": plan.config.name, "tokens": plan.tokens, "frames": plan.frames,
         "width": plan.width, "height": plan.height, "precision": plan.config.precision,
