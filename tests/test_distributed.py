@@ -10,6 +10,8 @@ import pytest
 from wan_pipeline.distributed import check_degree, scaling
 from wan_pipeline.errors import WanBenchError
 
+pytest_plugins = ["pytester"]
+
 
 def test_degree_must_divide_the_heads_and_fit_the_host():
     check_degree(2, heads=40, available=2)
@@ -48,3 +50,81 @@ def test_a_rank_that_dies_is_a_clear_error_and_leaves_nothing_running(tmp_path):
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert "wan_pipeline.distributed" not in ps
     assert (tmp_path / "seed-832x1216-49f-tiny-gpus1.json").exists()  # the one-GPU result is kept
+
+
+# ------------------------------------------------------------------------------------------------ pytest --wan-sp
+
+
+def test_the_sp_matrix_runs_every_case_on_one_gpu_and_split_loading_each_set_once_in_order():
+    from wan_pipeline.config import ModelSetKey
+    from wan_pipeline.pytest_plugin import WanOptions, build_cases
+
+    options = WanOptions(mode="tiny", models_dir=None, presets=("seed-832x1216-49f", "seed-832x1216-81f"),
+                         budgets=None, out=None, attention=("sdpa",), precision=("bf16",), compile=(False,),
+                         rounds=1, warmup=0, workflow=None, sequence_parallel=2)
+    cases = build_cases(options)
+    assert [c.id for c in cases] == ["seed-832x1216-49f-sdpa-bf16-compile0", "seed-832x1216-49f-sdpa-bf16-compile0-sp2",
+                                     "seed-832x1216-81f-sdpa-bf16-compile0", "seed-832x1216-81f-sdpa-bf16-compile0-sp2"]
+    weights = {c.id: ModelSetKey.for_run(c.config, c.mode, None).weights() for c in cases}
+    # context parallelism cannot be undone on an expert: the split cases use their own model set
+    assert weights[cases[0].id] == weights[cases[2].id] != weights[cases[1].id] == weights[cases[3].id]
+
+
+def test_split_generations_get_speedup_and_efficiency_against_the_one_gpu_case():
+    from wan_pipeline.distributed import add_scaling_to_json
+
+    def bench(name, median, sp=None):
+        return {"name": name, "stats": {"median": median}, "extra_info": {"sequence_parallel": sp}}
+
+    benchmarks = [bench("test_generation[p-sdpa-fp8-compile0]", 64.0),
+                  bench("test_generation[p-sdpa-fp8-compile0-sp2]", 36.0, {"degree": 2}),
+                  bench("test_generation[q-sdpa-fp8-compile0-sp2]", 30.0, {"degree": 2})]  # no one-GPU case
+    lines = add_scaling_to_json(benchmarks)
+    assert benchmarks[1]["extra_info"]["sequence_parallel"] == {
+        "degree": 2, "single_gpu_seconds": 64.0, "speedup": 1.778, "efficiency": 0.889}
+    assert benchmarks[2]["extra_info"]["sequence_parallel"] == {"degree": 2}
+    assert lines == ["test_generation[p-sdpa-fp8-compile0-sp2]: 1.778x one GPU (64.00 s -> 36.00 s), "
+                     "scaling efficiency 0.889"]
+
+
+def test_the_sp_session_is_the_users_pytest_command_under_torchrun(tmp_path):
+    from wan_pipeline.distributed import torchrun_pytest_command
+
+    command = torchrun_pytest_command(2, ["tests/benchmarks", "--wan-sp", "2", "--benchmark-json=o.json"], tmp_path)
+    assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                            f"--log-dir={tmp_path}"]
+    assert "--local-ranks-filter=0" in command  # rank 0 on the console, every rank in its log file
+    assert command[-5:] == ["pytest", "tests/benchmarks", "--wan-sp", "2", "--benchmark-json=o.json"]
+
+
+def test_a_split_configuration_outside_torchrun_says_how_to_start_one():
+    from wan_pipeline.distributed import enable_sequence_parallel
+
+    with pytest.raises(WanBenchError, match="degree 2 needs 2 ranks started by torchrun, this process has 1: use "
+                                            "`wan-bench run --gpus 2` or `pytest --wan-sp 2`"):
+        enable_sequence_parallel(None, 2, "sdpa")
+
+
+def test_a_rank_of_the_wrong_world_size_is_refused(monkeypatch):
+    from wan_pipeline.distributed import start_rank
+
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(WanBenchError, match="--wan-sp 2 runs 2 ranks, this torchrun started 3"):
+        start_rank(None, 2)
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "ERROR: --wan-sp 2: --gpus 2 asks for more GPUs than this host has (0 visible)"),
+    (["--wan-gpus", "2"], "ERROR: --wan-sp splits each generation over the GPUs and --wan-gpus spreads the cases over "
+                          "them: choose one"),
+    (["--wan-sp", "x"], "ERROR: --wan-sp must be an integer, got 'x'"),
+])
+def test_sp_usage_errors_start_nothing(pytester, monkeypatch, extra, message):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    for name in ("WAN_SP", "WAN_GPUS", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    pytester.makepyfile(test_x="def test_x(): pass")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--wan-mode", "tiny", "--wan-sp", "2", *extra)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message.replace("[", "[[]")])
+    assert "Traceback" not in result.stderr.str()

@@ -25,7 +25,9 @@ class WanCase:
 
     @property
     def id(self) -> str:
-        return f"{self.config.name}-{self.config.attention}-{self.config.precision}-compile{int(self.config.compile)}"
+        c = self.config
+        sp = f"-sp{c.sequence_parallel}" if c.sequence_parallel > 1 else ""
+        return f"{c.name}-{c.attention}-{c.precision}-compile{int(c.compile)}{sp}"
 
     def __str__(self) -> str:
         return self.id
@@ -104,6 +106,9 @@ class CaseRun:
         median_total = self.median_seconds if self.rounds else None
         stages = self.stage_medians
         warm = self.warmup_seconds[0] if self.warmup_seconds else None
+        from .distributed import sequence_parallel_info
+
+        split = sequence_parallel_info(plan.config.sequence_parallel, peak_torch)  # a collective over the ranks
         recompiles = self.graphs_after_rounds - self.graphs_before_rounds
         return {
             "mode": plan.mode,
@@ -116,6 +121,7 @@ class CaseRun:
             "scaled_from": list(plan.scaled_from) if plan.scaled_from else None,
             "stages": {k: round(v, 6) for k, v in stages.items()},
             "peak_memory": {"torch_peak_bytes": peak_torch, "nvml_used_bytes": nvml_used},
+            "sequence_parallel": split,
             "attention_kernel": prepared.kernel.kernel,
             "attention": prepared.kernel.to_json(),
             "precision": plan.config.precision,

@@ -100,6 +100,7 @@ class RunConfig:
     attention: str = "sdpa"
     precision: str = "auto"  # what ComfyUI does with fp8_scaled files on this card (precision.resolve_precision)
     compile: bool = False
+    sequence_parallel: int = 1  # Ulysses degree: one generation split over this many GPUs (torchrun ranks)
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -114,7 +115,7 @@ class RunConfig:
             raise ConfigError(f"{self.name}: attention {self.attention!r} is not one of {ATTENTION_BACKENDS}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{self.name}: precision {self.precision!r} is not one of {PRECISIONS}")
-        for field_name in ("width", "height", "length", "fps", "batch_size"):
+        for field_name in ("width", "height", "length", "fps", "batch_size", "sequence_parallel"):
             value = getattr(self, field_name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{self.name}: {field_name} must be a positive integer, got {value!r}")
@@ -195,6 +196,7 @@ class ModelSetKey:
     precision: str
     attention: str
     compile: bool
+    sequence_parallel: int = 1  # experts with context parallelism enabled cannot go back: part of the weights
 
     @classmethod
     def for_run(cls, config: RunConfig, mode: str, models_dir: str | None) -> "ModelSetKey":
@@ -214,6 +216,7 @@ class ModelSetKey:
             precision=config.precision,
             attention=config.attention,
             compile=config.compile,
+            sequence_parallel=config.sequence_parallel,
         )
 
     def weights(self) -> "ModelSetKey":

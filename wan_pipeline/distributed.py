@@ -23,6 +23,7 @@ from .errors import WanBenchError
 # Our attention names -> diffusers backends that implement context parallelism (Ulysses all-to-all).
 CP_BACKENDS = {"sdpa": "native", "sdpa-cudnn": "_native_cudnn", "sdpa-flash": "_native_flash"}
 LAUNCH_TIMEOUT_S = 3600
+FRAME_SAMPLE_STRIDE = 4  # every 4th decoded frame is kept to compare the N-GPU video with the one-GPU video
 
 
 def check_degree(degree: int, heads: int, available: int) -> None:
@@ -77,6 +78,7 @@ def launch(degree: int, args: list[str], log: Path, timeout: float = LAUNCH_TIME
 def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str, attention: str, rounds: int,
                           out_dir: str, timeout: float = LAUNCH_TIMEOUT_S) -> dict:
     """The one-GPU run, then the N-GPU run, of the same preset; their comparison, written atomically."""
+    import numpy as np
     import torch
 
     from .models import A14B_TRANSFORMER, TINY_TRANSFORMER
@@ -98,6 +100,8 @@ def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str
         records[n] = json.loads((out / f"{tag}.json").read_text())
     single, parallel = records[1], records[degree]
     latents = {n: torch.load(out / f"{preset}-{mode}-gpus{n}.latent.pt") for n in records}
+    frames = {n: np.load(out / f"{preset}-{mode}-gpus{n}.frames.npy") for n in records}
+    from .metrics import psnr
     from .reference import cosine
 
     summary = {
@@ -107,6 +111,7 @@ def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str
         "per_rank_peak_memory_bytes": parallel["per_rank_peak_memory_bytes"],
         "single_gpu_peak_memory_bytes": single["per_rank_peak_memory_bytes"],
         "latent_cosine_vs_single_gpu": cosine(latents[degree], latents[1]),
+        "frames_psnr_vs_single_gpu_db": psnr(frames[degree], frames[1]),
         "stages_single": single["stages"], "stages_parallel": parallel["stages"],
     }
     atomic_write_json(out / f"{preset}-{mode}-sequence-parallel-{degree}.json", summary)
@@ -116,18 +121,34 @@ def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str
 # ------------------------------------------------------------------------------------------------ each rank
 
 
-def enable_sequence_parallel(models, degree: int, attention: str) -> None:
-    """Hand the experts' attention to diffusers' context-parallel backend and split their sequence over ranks."""
+def enable_sequence_parallel(models, degree: int, attention: str):
+    """Hand the experts' attention to diffusers' context-parallel backend and split their sequence over the ranks
+    of the running process group (once per model set: diffusers cannot undo it). Returns this rank's VAE split."""
+    import torch.distributed as dist
+
+    from .vae_split import VaeSplit
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != degree:
+        have = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        raise WanBenchError(f"sequence parallel degree {degree} needs {degree} ranks started by torchrun, this process "
+                            f"has {have}: use `wan-bench run --gpus {degree}` or `pytest --wan-sp {degree}`")
+    if attention not in CP_BACKENDS:
+        raise WanBenchError(f"sequence parallelism runs diffusers' context-parallel attention: choose the attention "
+                            f"from {sorted(CP_BACKENDS)}, not {attention!r}")
     from diffusers import ContextParallelConfig
 
     for expert in models.experts.values():
         expert.set_attention_backend(CP_BACKENDS[attention])
-        expert.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+        if getattr(expert, "_wan_bench_ulysses", None) != degree:
+            expert.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
+            expert._wan_bench_ulysses = degree
+    return VaeSplit(rank=dist.get_rank(), world=degree)
 
 
 def worker_main(argv: list[str] | None = None) -> int:
     import statistics
 
+    import numpy as np
     import torch
     import torch.distributed as dist
 
@@ -154,14 +175,12 @@ def worker_main(argv: list[str] | None = None) -> int:
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-        config = get_preset(args.preset).replace(precision=args.precision, attention=args.attention)
+        config = get_preset(args.preset).replace(precision=args.precision, attention=args.attention,
+                                                 sequence_parallel=world)
         plan = make_plan(config, args.mode)
         models = load_model_set(ModelSetKey.for_run(plan.config, args.mode, None), device=device, seed=0,
                                 config=plan.config)
         prepared = configure(models, plan)
-        if world > 1:
-            enable_sequence_parallel(models, world, args.attention)
-            prepared.notes.append(f"Ulysses sequence parallelism over {world} ranks ({CP_BACKENDS[args.attention]})")
         generate(prepared, plan)  # warm-up
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -172,6 +191,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         if rank == 0:
             out = Path(args.out)
             torch.save(rounds[-1].latent, out / f"{args.tag}.latent.pt")
+            np.save(out / f"{args.tag}.frames.npy", rounds[-1].frames[::FRAME_SAMPLE_STRIDE])
             names = list(rounds[-1].seconds)
             atomic_write_json(out / f"{args.tag}.json", {
                 "preset": args.preset, "mode": args.mode, "world_size": world, "tokens": plan.tokens,
@@ -186,6 +206,129 @@ def worker_main(argv: list[str] | None = None) -> int:
     finally:
         dist.destroy_process_group()
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ pytest --wan-sp
+#
+# `pytest --benchmark-only --wan-sp N` reruns the same pytest command under torchrun with N ranks, one per GPU. Every
+# rank collects the same matrix, where each case appears at degree 1 and at degree N, and runs it in the same order
+# with the same rounds (the collectives of a split generation need every rank). Rank 0 is the session the user
+# sees: it alone writes the benchmark JSON, the history, the videos and the records; the other ranks' output goes
+# to log files. Degree-1 cases run on every rank at once, each on its own GPU: rank 0's timing is the one-GPU
+# figure that the N-GPU case's speed-up and scaling efficiency are computed against.
+
+
+def is_primary_rank() -> bool:
+    """True outside a process group and on rank 0: the process that writes results."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def torchrun_pytest_command(degree: int, args: list[str], log_dir: Path) -> list[str]:
+    """The user's pytest command under torchrun: N ranks, rank 0 on the console, every rank's log in `log_dir`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={degree}",
+            f"--log-dir={log_dir}", "--tee=3", "--local-ranks-filter=0", "-m", "pytest", *args]
+
+
+def relaunch_pytest(config, degree: int) -> int:
+    """Run this pytest session again as `degree` torchrun ranks and return rank 0's exit status. On an interrupt or
+    a failure, the whole process group goes: no rank is left behind."""
+    import torch
+
+    from .models import A14B_TRANSFORMER
+
+    check_degree(degree, A14B_TRANSFORMER["num_attention_heads"], torch.cuda.device_count())
+    from .pytest_plugin import read_options
+
+    out = Path(config.invocation_params.dir) / read_options(config).out
+    log_dir = out / "sequence-parallel" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    command = torchrun_pytest_command(degree, [str(a) for a in config.invocation_params.args], log_dir)
+    print(f"wan-bench: --wan-sp {degree}: running this session as {degree} torchrun ranks (logs in {log_dir})",
+          flush=True)
+    proc = subprocess.Popen(command, cwd=config.invocation_params.dir, start_new_session=True)
+    try:
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+# pytest-benchmark's and pytest's result files: only rank 0 writes them.
+RANK0_ONLY_OPTIONS = {"benchmark_json": None, "benchmark_save": None, "benchmark_autosave": False,
+                      "benchmark_histogram": None, "xmlpath": None}
+
+
+def start_rank(config, degree: int) -> None:
+    """In a torchrun rank of `pytest --wan-sp N`: join the process group on this rank's GPU; ranks other than 0
+    keep their results to themselves."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != degree:
+        raise WanBenchError(f"--wan-sp {degree} runs {degree} ranks, this torchrun started {world}")
+    local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
+    torch.cuda.set_device(local_rank)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    if dist.get_rank() != 0:
+        for name, value in RANK0_ONLY_OPTIONS.items():
+            if hasattr(config.option, name):
+                setattr(config.option, name, value)
+
+
+def stop_rank() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_device():
+    """This rank's GPU (None outside a process group: the default device)."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return None
+
+
+def sequence_parallel_info(degree: int, peak_bytes: int) -> dict | None:
+    """extra_info of a split generation: the degree and every rank's peak memory (a collective: all ranks call it)."""
+    if degree <= 1:
+        return None
+    import torch.distributed as dist
+
+    peaks = [None] * dist.get_world_size()
+    dist.all_gather_object(peaks, peak_bytes)
+    return {"degree": degree, "backend": "ulysses", "per_rank_peak_memory_bytes": peaks}
+
+
+def add_scaling_to_json(benchmarks: list[dict]) -> list[str]:
+    """Give every N-GPU generation its speed-up and scaling efficiency over the one-GPU case of the same
+    configuration in the same session (pytest-benchmark JSON, in place); returns summary lines."""
+    by_name = {b.get("name"): b for b in benchmarks}
+    lines = []
+    for bench in benchmarks:
+        sp = (bench.get("extra_info") or {}).get("sequence_parallel") or {}
+        degree = sp.get("degree") or 1
+        if degree <= 1:
+            continue
+        single = by_name.get(bench["name"].replace(f"-sp{degree}]", "]"))
+        if single is None:
+            continue
+        result = scaling(single["stats"]["median"], bench["stats"]["median"], degree)
+        sp.update(single_gpu_seconds=single["stats"]["median"], **result)
+        lines.append(f"{bench['name']}: {result['speedup']}x one GPU ({single['stats']['median']:.2f} s -> "
+                     f"{bench['stats']['median']:.2f} s), scaling efficiency {result['efficiency']}")
+    return lines
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class Prepared:
     compile_enabled: bool
     image: np.ndarray  # the start image as loaded (ComfyUI's LoadImage: read once, not part of a round)
     notes: list[str] = field(default_factory=list)
+    vae_split: object | None = None  # sequence parallel: this rank's band of the VAE work (vae_split.VaeSplit)
 
 
 @dataclass
@@ -84,13 +85,21 @@ def expert_attention_shape(models: ModelSet) -> tuple[int, int]:
 
 
 def configure(models: ModelSet, plan: Plan) -> Prepared:
-    """Install the attention kernel (profiled to prove which one runs), compile if asked, decide residency, and
-    load the start image."""
+    """Install the attention kernel (profiled to prove which one runs), split the experts' sequence over the ranks
+    (sequence parallel), compile if asked, decide residency, and load the start image."""
     heads, head_dim = expert_attention_shape(models)
     kernel, choice = attention.choose(plan.config.attention, tokens=plan.tokens, heads=heads, head_dim=head_dim,
                                       device=models.device, dtype=models.dtype)
     for expert in models.experts.values():
         attention.install(expert, kernel)
+    notes = list(models.notes)
+    vae_split = None
+    if plan.config.sequence_parallel > 1:
+        from .distributed import enable_sequence_parallel
+
+        vae_split = enable_sequence_parallel(models, plan.config.sequence_parallel, plan.config.attention)
+        notes.append(f"Ulysses sequence parallelism over {vae_split.world} ranks; the VAE split into "
+                     f"{vae_split.world} bands of rows (halo {vae_split.halo} latent rows)")
     compile_enabled = models.key.compile
     if compile_enabled and not getattr(models, "_compiled", False):
         for expert in models.experts.values():
@@ -99,7 +108,7 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
     inner = heads * head_dim
     residency = Residency(models, working_memory_estimate(plan.tokens, plan.width, plan.height, inner))
     image = conditioning.start_image(plan.config.image, plan.width, plan.height)
-    return Prepared(models, choice, residency, compile_enabled, image, list(models.notes))
+    return Prepared(models, choice, residency, compile_enabled, image, notes, vae_split)
 
 
 def prepare(config: RunConfig, mode: str, models_dir: str | None = None, seed: int = 0) -> tuple[Plan, Prepared]:
@@ -125,7 +134,7 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
     with timer.stage("image_encode"):
         residency.need("vae")
         image01 = conditioning.upscale_center(prepared.image, plan.width, plan.height)
-        concat = conditioning.image_conditioning(models, image01, plan)
+        concat = conditioning.image_conditioning(models, image01, plan, prepared.vae_split)
 
     latent = torch.zeros(plan.latent_shape, dtype=torch.float32, device=models.device)
     bar = _progress_bar(plan) if progress else None
@@ -142,7 +151,7 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
 
     with timer.stage("decode"):
         residency.need("vae")
-        frames = conditioning.decode(models, latent)
+        frames = conditioning.decode(models, latent, prepared.vae_split)
 
     return Generation(frames, latent.cpu(), dict(timer.seconds), dict(timer.peak_bytes))
 

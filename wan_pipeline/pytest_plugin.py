@@ -34,6 +34,8 @@ _OPTIONS = (
     ("--wan-gpus", "WAN_GPUS", "spread the wan cases over GPUs, one worker pinned per GPU: all, a count or a comma "
                                "list of device indices (tiny mode on a CPU: a count of CPU workers)"),
     ("--wan-gpus-timeout", "WAN_GPUS_TIMEOUT", "seconds the --wan-gpus workers may run in all (default: no limit)"),
+    ("--wan-sp", "WAN_SP", "sequence parallel: rerun the session as N torchrun ranks (NCCL, one per GPU); every case "
+                           "runs on one GPU and split over N (Ulysses), with speed-up and scaling efficiency"),
 )
 
 
@@ -72,6 +74,7 @@ class WanOptions:
     warmup: int
     workflow: str | None
     video: str = "mp4"
+    sequence_parallel: int = 1
 
 
 def _compile_values(value: str | None) -> tuple[bool, ...]:
@@ -120,6 +123,7 @@ def read_options(config) -> WanOptions:
         warmup=_int_option(config, "--wan-warmup", 1, 0),
         workflow=_option(config, "--wan-workflow"),
         video=_video_format(_option(config, "--wan-video")),
+        sequence_parallel=_int_option(config, "--wan-sp", 1, 1),
     )
 
 
@@ -133,6 +137,28 @@ def _video_format(value: str | None) -> str:
 # ---------------------------------------------------------------------------------------------------- configure
 
 
+def _in_torchrun_rank() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """--wan-sp N: this session runs again as N torchrun ranks; its exit status is rank 0's."""
+    degree = read_options(config).sequence_parallel
+    if degree <= 1 or _in_torchrun_rank() or config.option.collectonly:
+        return None
+    if _option(config, "--wan-gpus"):
+        raise pytest.UsageError("--wan-sp splits each generation over the GPUs and --wan-gpus spreads the cases "
+                                "over them: choose one")
+    from .distributed import relaunch_pytest
+    from .errors import WanBenchError
+
+    try:
+        return relaunch_pytest(config, degree)
+    except WanBenchError as exc:
+        raise pytest.UsageError(f"--wan-sp {degree}: {exc}") from None
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "wan: a wan-bench generation benchmark")
     options = read_options(config)  # bad option values stop the session here, as usage errors
@@ -144,9 +170,20 @@ def pytest_configure(config):
     from .config import default_allocator_settings
 
     default_allocator_settings()
+    if options.sequence_parallel > 1 and _in_torchrun_rank():
+        from .distributed import start_rank
+
+        start_rank(config, options.sequence_parallel)
     from .gpu_matrix import configure
 
     configure(config)  # --wan-gpus: the controller of a matrix spread over GPUs; --wan-worker: one of its workers
+
+
+def pytest_unconfigure(config):
+    from .distributed import stop_rank
+
+    if read_options(config).sequence_parallel > 1 and _in_torchrun_rank():
+        stop_rank()
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -232,13 +269,16 @@ def build_cases(options: WanOptions):
                    for v in workflow_matrix(locate_input_image(c, options.workflow, options.models_dir, mode))]
     else:
         configs = [get_preset(n) for n in (options.presets or default_presets(mode))]
+    degrees = (1, options.sequence_parallel) if options.sequence_parallel > 1 else (1,)
     cases = []
     for config in configs:
         for precision in options.precision:
             for compile_on in options.compile:
                 for attention in options.attention:
-                    case_config = config.replace(attention=attention, precision=precision, compile=compile_on)
-                    cases.append(WanCase(resolve_run_precision(case_config, mode), mode))
+                    for degree in degrees:
+                        case_config = config.replace(attention=attention, precision=precision, compile=compile_on,
+                                                     sequence_parallel=degree)
+                        cases.append(WanCase(resolve_run_precision(case_config, mode), mode))
     return cases
 
 
@@ -249,7 +289,8 @@ def stock_cases(cases):
         cfg = case.config
         if len(cfg.passes) == 2 and cfg.name not in seen:
             seen.add(cfg.name)
-            out.append(type(case)(cfg.replace(attention="sdpa", precision="bf16", compile=False), case.mode))
+            out.append(type(case)(cfg.replace(attention="sdpa", precision="bf16", compile=False, sequence_parallel=1),
+                                  case.mode))
     return out
 
 
@@ -304,8 +345,9 @@ def wan_options(pytestconfig) -> WanOptions:
 def wan_model_cache(wan_options):
     """One model set resident at a time, shared by every test that needs the same weights."""
     from .cache import ModelCache
+    from .distributed import rank_device
 
-    cache = ModelCache(models_dir=wan_options.models_dir)
+    cache = ModelCache(models_dir=wan_options.models_dir, device=rank_device())
     yield cache
     cache.evict()
 
@@ -336,13 +378,19 @@ def wan_report(pytestconfig):
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):
-    """Add each generation's speed-up over the stock diffusers pipeline measured in the same session."""
+    """Add each generation's speed-up over the stock diffusers pipeline, and each split generation's speed-up over
+    one GPU, measured in the same session."""
+    from .distributed import add_scaling_to_json
+
+    lines = getattr(config, "_wan_report", None)
+    scaling_lines = add_scaling_to_json(output_json.get("benchmarks", []))
+    if lines is not None:
+        lines.extend(scaling_lines)
     stock = {}
     for bench in output_json.get("benchmarks", []):
         info = bench.get("extra_info") or {}
         if bench.get("name", "").startswith("test_stock_diffusers[") and info.get("preset"):
             stock[(info["preset"], info.get("mode"))] = bench["stats"]["median"]
-    lines = getattr(config, "_wan_report", None)
     for bench in output_json.get("benchmarks", []):
         info = bench.get("extra_info") or {}
         ref = stock.get((info.get("preset"), info.get("mode")))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from wan_pipeline.case import expert_forward_flops
+from wan_pipeline.distributed import is_primary_rank
 from wan_pipeline.history import atomic_write_json
 from wan_pipeline.pytest_plugin import out_of_memory_isolation
 from wan_pipeline.reference import cosine, forward_inputs
@@ -57,9 +58,10 @@ def test_expert_forward(benchmark, wan_case, wan_model_cache, wan_options, wan_f
         "flops": flops, "effective_tflops": round(flops / median / 1e12, 1) if median else None,
         "cosine_vs_bf16_sdpa": similarity,
     })
-    atomic_write_json(wan_options.out / f"forward-{wan_case.id}.json",
-                      {**benchmark.extra_info, "median_seconds": median,
-                       "round_seconds": list(benchmark.stats.stats.data) if benchmark.stats else None})
+    if is_primary_rank():  # with --wan-sp, rank 0 writes the outputs
+        atomic_write_json(wan_options.out / f"forward-{wan_case.id}.json",
+                          {**benchmark.extra_info, "median_seconds": median,
+                           "round_seconds": list(benchmark.stats.stats.data) if benchmark.stats else None})
     wan_report.append(
         f"forward {wan_case.id}: {median if median is None else round(median, 3)} s, "
         f"{benchmark.extra_info['effective_tflops']} TFLOP/s, kernel {prepared.kernel.kernel}, cosine vs bf16 SDPA "

@@ -7,6 +7,7 @@ latency budget and the quality thresholds are checked after the rounds, with the
 import pytest
 
 from wan_pipeline.case import CaseRun
+from wan_pipeline.distributed import is_primary_rank
 from wan_pipeline.metrics import compute_metrics
 from wan_pipeline.history import atomic_write_json
 from wan_pipeline.pytest_plugin import out_of_memory_isolation
@@ -26,10 +27,14 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
 
     last = run.rounds[-1]
     metrics = compute_metrics(last.frames, prepared.image)
-    video = write_video(last.frames, wan_options.out / f"{wan_case.id}.{wan_options.video}", plan.config.fps)
+    primary = is_primary_rank()  # with --wan-sp, rank 0 writes the outputs
+    video = wan_options.out / f"{wan_case.id}.{wan_options.video}"
+    if primary:
+        video = write_video(last.frames, video, plan.config.fps)
     info = run.extra_info(load_seconds=load_seconds, metrics=metrics, video=str(video))
     benchmark.extra_info.update(info)
-    atomic_write_json(wan_options.out / f"{wan_case.id}.json", run.record(info))
+    if primary:
+        atomic_write_json(wan_options.out / f"{wan_case.id}.json", run.record(info))
 
     gpu = prepared.models.device_name
     budget = wan_budgets.budget_for(gpu, plan.config.name, plan.mode, plan.config.attention, plan.config.compile,
