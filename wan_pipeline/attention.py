@@ -62,6 +62,15 @@ def _flash_attn() -> Callable:
     return attend
 
 
+def _cudnn_fp8() -> Callable:
+    from .fp8_attention import fp8_sdpa
+
+    def attend(q, k, v):  # diffusers' [batch, tokens, heads, head_dim] viewed as [batch, heads, tokens, head_dim]
+        return fp8_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    return attend
+
+
 def availability(name: str, device: torch.device) -> str | None:
     """None when `name` can run on `device`, else the reason it cannot."""
     if name in ("sdpa", "sdpa-math"):
@@ -78,6 +87,10 @@ def availability(name: str, device: torch.device) -> str | None:
             return f"sageattention needs compute capability 8.0+, this card is {major}.x"
     if name == "flash-attn" and importlib.util.find_spec("flash_attn") is None:
         return "flash-attn is not installed"
+    if name == "cudnn-fp8":
+        from .fp8_attention import available
+
+        return available(device)
     if name == "sdpa-flash" and major < 8:
         return f"FlashAttention-2 needs compute capability 8.0+, this card is {major}.x"
     return None
@@ -95,6 +108,8 @@ def attention_function(name: str, device: torch.device) -> Callable:
         return _sage()
     if name == "flash-attn":
         return _flash_attn()
+    if name == "cudnn-fp8":
+        return _cudnn_fp8()
     raise AttentionUnavailable(f"unknown attention backend {name!r}")
 
 
@@ -147,6 +162,7 @@ def install(transformer: torch.nn.Module, kernel: AttentionKernel) -> int:
 
 # GPU kernel name fragments -> what they are (first match wins).
 _KERNEL_FAMILIES = (
+    ("flash_fprop_wgmma_f8", "cudnn-fp8-attention"),  # cuDNN's fused FP8 SDPA (sm90)
     ("sage", "sageattention"),
     ("_attn_fwd", "sageattention (triton)"),
     ("qk_int8", "sageattention"),
@@ -206,7 +222,7 @@ def time_call(fn: Callable, q, k, v, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-AUTO_CANDIDATES = ("sdpa", "sdpa-cudnn", "sdpa-flash", "sage", "flash-attn")
+AUTO_CANDIDATES = ("sdpa", "sdpa-cudnn", "sdpa-flash", "sage", "flash-attn", "cudnn-fp8")
 
 
 @dataclass(frozen=True)

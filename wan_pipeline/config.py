@@ -19,7 +19,8 @@ SAMPLERS = ("euler",)
 SCHEDULERS = ("simple",)
 MODES = ("tiny", "synthetic", "real")
 PRECISIONS = ("auto", "bf16", "fp16", "fp8-upcast", "fp8-scaled-mm")
-ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "sage", "flash-attn")
+ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "sage", "flash-attn",
+                      "cudnn-fp8")
 
 # ComfyUI file names of the i2v A14B template (REFERENCE §1).
 HIGH_NOISE_MODEL = "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"

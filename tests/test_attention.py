@@ -1,0 +1,104 @@
+"""Attention kernels: which implementation ran (from kernel names), refusals with reasons, auto, the router into
+diffusers' Wan processors, and the FP8 attention's scaling arithmetic (simulated on the CPU)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wan_pipeline import attention
+from wan_pipeline.fp8_attention import FP8_E4M3_MAX, O_HEADROOM, SOFTMAX_SCALE, _quantize
+
+# Kernel names as the profiler reported them on an H100 (torch 2.11, cuDNN 9.19).
+CUDNN_FP8 = "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f8_knob_32_64x256x128_4x1x1_cga1x1x1_kernel0_0"
+FP8_CAST = ("void at::native::vectorized_elementwise_kernel<4, at::native::float8_copy_kernel_cuda(at::Tensor"
+            "IteratorBase&)::{lambda(c10::BFloat16)#1}, std::array<char*, 2ul> >")
+
+
+@pytest.mark.parametrize("names, family", [
+    (["Memset (Device)", CUDNN_FP8, FP8_CAST], "cudnn-fp8-attention"),
+    (["cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_bf16_knob_7_64x128x128"], "cudnn-attention"),
+    (["void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>"], "flash-attention-2"),
+    (["_attn_fwd"], "sageattention (triton)"),
+    (["aten::_scaled_dot_product_flash_attention_for_cpu"], "sdpa-cpu-flash"),
+    (["some_gemm"], "unknown (some_gemm)"),
+])
+def test_the_family_comes_from_the_kernels_that_ran(names, family):
+    assert attention.classify_kernels(names) == family
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("cudnn-fp8", "cudnn-fp8 needs a CUDA GPU; this run is on the CPU"),
+    ("sdpa-cudnn", "needs a CUDA GPU; this run is on the CPU"),
+    ("sage", "needs a CUDA GPU"),
+])
+def test_a_kernel_that_cannot_run_here_is_refused_with_its_reason(name, reason):
+    assert reason in attention.availability(name, torch.device("cpu"))
+    with pytest.raises(attention.AttentionUnavailable, match=f"attention backend '{name}' cannot run: .*{reason}"):
+        attention.choose(name, tokens=64, heads=2, head_dim=16, device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_fp8_attention_says_why_it_cannot_run_on_this_machine():
+    from wan_pipeline.fp8_attention import available
+
+    assert available() == "CUDA is not available to torch (no GPU visible, or a CPU-only torch build)"
+
+
+def test_auto_times_what_runs_and_says_which_it_picked():
+    kernel, choice = attention.choose("auto", tokens=256, heads=2, head_dim=16, device=torch.device("cpu"),
+                                      dtype=torch.float32)
+    assert set(choice.timings) == {"sdpa"}  # the GPU-only candidates are not candidates on a CPU
+    assert choice.backend == kernel.name == "sdpa" and choice.kernel == "sdpa-cpu-flash"
+
+
+def test_the_installed_kernel_is_what_the_transformer_calls():
+    from wan_pipeline.models import TINY_TRANSFORMER, random_transformer
+
+    model = random_transformer(TINY_TRANSFORMER, torch.device("cpu"), torch.float32, seed=0)
+    calls = []
+
+    def counting(q, k, v):
+        calls.append(tuple(q.shape))
+        return attention._sdpa(None)(q, k, v)
+
+    count = attention.install(model, attention.AttentionKernel("counting", counting))
+    cfg = model.config
+    x = torch.randn(1, cfg.in_channels, 1, 4, 4)
+    with torch.no_grad():
+        model(hidden_states=x, timestep=torch.tensor([500.0]),
+              encoder_hidden_states=torch.randn(1, 8, cfg.text_dim), return_dict=False)
+    assert count == 2 * cfg.num_layers and len(calls) == 2 * cfg.num_layers  # self- and cross-attention
+
+
+def simulated_fp8_sdpa(q, k, v):
+    """The FP8 attention's arithmetic on the CPU: E4M3 q/k/v with per-tensor scales, P quantized with
+    SOFTMAX_SCALE, O written in E4M3 with scale_v / O_HEADROOM and dequantized (what the cuDNN graph is given)."""
+    q8, _, dq = _quantize(q)
+    k8, _, dk = _quantize(k)
+    v8, sv, dv = _quantize(v)
+    s = (q8.float() @ k8.float().transpose(-1, -2)) * dq * dk * q.shape[-1] ** -0.5
+    p8 = (torch.softmax(s, dim=-1) * SOFTMAX_SCALE).to(torch.float8_e4m3fn)
+    o = (p8.float() @ v8.float()) / SOFTMAX_SCALE * dv
+    o8 = (o * sv / O_HEADROOM).to(torch.float8_e4m3fn)
+    return o8.float() * dv * O_HEADROOM
+
+
+@pytest.mark.parametrize("q_scale", [1.0, 4.0])
+def test_the_fp8_scaling_keeps_attention_within_cosine_0_99(q_scale):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 4, 512, 64) for _ in range(3))
+    q = q * q_scale
+    exact = F.scaled_dot_product_attention(q, k, v)
+    approx = simulated_fp8_sdpa(q, k, v)
+    cosine = F.cosine_similarity(exact.flatten(), approx.flatten(), dim=0).item()
+    assert cosine > 0.99, cosine
+    # |O| <= amax(V), so the O scale never saturates the E4M3 range
+    assert (approx.abs().max() <= v.abs().max() * 1.07).item()
+
+
+def test_quantize_maps_the_largest_value_to_the_top_of_e4m3():
+    x = torch.tensor([[0.5, -2.0, 1.0]], dtype=torch.bfloat16)
+    x8, scale, descale = _quantize(x)
+    assert x8.dtype == torch.float8_e4m3fn and x8.float().abs().max().item() == FP8_E4M3_MAX
+    assert scale.item() == pytest.approx(FP8_E4M3_MAX / 2.0) and (scale * descale).item() == pytest.approx(1.0)
+    zeros8, zero_scale, _ = _quantize(torch.zeros(3, dtype=torch.bfloat16))
+    assert torch.isfinite(zero_scale) and zeros8.float().eq(0).all()
