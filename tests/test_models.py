@@ -147,3 +147,31 @@ def test_residency_evicts_what_the_policy_says(monkeypatch, policy, name, evicte
     monkeypatch.setattr(residency, "_place", lambda n, device: moves.append((n, str(device))))
     residency.need(name)
     assert moves == [(n, "cpu") for n in evicted] + [(name, "cuda")]
+
+
+def test_a_chosen_residency_is_kept_when_it_fits_and_refused_with_the_numbers_when_not(monkeypatch):
+    import wan_pipeline.models as models
+
+    monkeypatch.setattr(models, "parameter_bytes", lambda m: m if isinstance(m, int) else 0)
+    fake = FakeSet(int(14.3 * GB), int(11.4 * GB))
+    chosen = Residency(fake, reserve_bytes=int(8 * GB), total_bytes=int(85.5 * GB), policy="offload-text-encoder")
+    assert chosen.policy == "offload-text-encoder"  # auto would keep everything resident on this card
+    with pytest.raises(WanBenchError, match="residency 'resident' does not fit this card \\(48.0 GB\\) with 17.0 GB"):
+        Residency(fake, reserve_bytes=int(17 * GB), total_bytes=int(48 * GB), policy="resident")
+
+
+def test_offloading_keeps_one_host_copy_and_moves_no_data_the_second_time(monkeypatch):
+    import wan_pipeline.models as models
+
+    encoder = torch.nn.Linear(4, 4)
+    fake = FakeSet(int(14.3 * GB), int(11.4 * GB))
+    fake.text_encoder = encoder
+    monkeypatch.setattr(models, "parameter_bytes", lambda m: m if isinstance(m, int) else 0)
+    residency = Residency(fake, reserve_bytes=0, total_bytes=int(100 * GB))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: self.clone())  # no CUDA here to pin with
+    original = encoder.weight.detach().clone()
+    residency._offload("text_encoder", encoder)
+    first = encoder.weight.data_ptr()
+    encoder.weight.data = encoder.weight.data.clone()  # stands for the copy on the GPU
+    residency._offload("text_encoder", encoder)
+    assert encoder.weight.data_ptr() == first and torch.equal(encoder.weight, original)

@@ -77,6 +77,9 @@ def test_geometry_snaps_like_comfyui_with_a_warning():
     (dict(length=0), "length must be a positive integer"),
     (dict(attention="xformers"), "attention 'xformers'"),
     (dict(precision="int4"), "precision 'int4'"),
+    (dict(residency="swap"), "residency 'swap' is not one of"),
+    (dict(vae_bands=0), "vae_bands must be a positive integer"),
+    (dict(sequence_parallel=2, vae_bands=4), "with sequence parallelism the VAE bands are the 2 ranks"),
 ])
 def test_bad_configuration_names_the_value(change, message):
     with pytest.raises(ConfigError, match=message):
@@ -125,3 +128,13 @@ def test_forward_flops_match_reference_section_4():
     self_attention = 40 * 4 * 51376 ** 2 * 5120
     assert self_attention / 1e15 == pytest.approx(2.16, abs=0.005)
     assert (total - self_attention - 40 * 4 * 51376 * 512 * 5120) / 1e15 == pytest.approx(1.23, abs=0.005)
+
+
+def test_case_ids_name_every_setting_that_is_not_the_default():
+    from wan_pipeline.case import WanCase
+
+    base = get_preset("seed-832x1216-49f").replace(precision="fp8-scaled-mm")
+    assert WanCase(base, "synthetic").id == "seed-832x1216-49f-sdpa-fp8-scaled-mm-compile0"  # ids of old histories
+    changed = base.replace(attention="cudnn-fp8", compile=True, residency="offload-text-encoder", vae_bands=2)
+    assert WanCase(changed, "synthetic").id == ("seed-832x1216-49f-cudnn-fp8-fp8-scaled-mm-compile1"
+                                                "-offload-text-encoder-vae2bands")

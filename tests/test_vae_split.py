@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_pipeline.vae_split import Band, VaeSplit, bands, gather_bands
+from wan_pipeline.vae_split import Band, VaeBands, bands, gather_bands
 
 
 def test_bands_cover_every_row_once_evenly_with_clipped_halos():
@@ -30,7 +30,7 @@ def simulated_ranks(world, work):
             barrier.wait()
             return list(deposits)
 
-        results[rank] = work(VaeSplit(rank=rank, world=world, all_gather=all_gather, halo=1))
+        results[rank] = work(VaeBands(parts=world, halo=1, rank=rank, all_gather=all_gather))
 
     threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
     for t in threads:
@@ -50,6 +50,14 @@ def local_encoder(x):
     """x8 average pooling then a 3x3 convolution."""
     weight = torch.linspace(-1, 1, 2 * 2 * 9).reshape(2, 2, 3, 3)
     return F.conv2d(F.avg_pool2d(x, 8), weight, padding=1)
+
+
+def test_bands_one_after_another_equal_the_whole_when_the_halo_covers_the_receptive_field():
+    torch.manual_seed(0)
+    z = torch.randn(1, 2, 11, 7)
+    torch.testing.assert_close(VaeBands(3, halo=1).decode(local_decoder, z), local_decoder(z))
+    x = torch.randn(1, 2, 11 * 8, 7 * 8)
+    torch.testing.assert_close(VaeBands(4, halo=1).encode(local_encoder, x), local_encoder(x))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -79,7 +87,7 @@ def _gloo_rank(rank, world, port, queue):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         z = torch.arange(5 * 3, dtype=torch.float32).reshape(1, 1, 5, 3)
-        split = VaeSplit(rank=rank, world=world, all_gather=process_group_all_gather, halo=1)
+        split = VaeBands(parts=world, halo=1, rank=rank, all_gather=process_group_all_gather)
         queue.put((rank, split.decode(lambda part: part.repeat_interleave(8, -2).repeat_interleave(8, -1), z)))
     finally:
         dist.destroy_process_group()
@@ -122,8 +130,11 @@ def test_the_tiny_wan_vae_split_in_two_stays_close_to_the_whole_frame():
 
     with torch.no_grad():
         whole = vae.decode(z).sample
-        halves = simulated_ranks(2, lambda split: VaeSplit(split.rank, 2, split.all_gather).decode(decode, z))
+        halves = simulated_ranks(2, lambda split: VaeBands(2, rank=split.rank, all_gather=split.all_gather).decode(
+            decode, z))
+        one_gpu = VaeBands(2).decode(decode, z)  # the same bands one after another
     assert halves[0].shape == whole.shape and torch.equal(halves[0], halves[1])
+    torch.testing.assert_close(one_gpu, halves[0])
     mse = torch.mean((halves[0] - whole) ** 2).item()
     signal = torch.mean(whole ** 2).item()
     assert mse < 0.01 * signal, (mse, signal)

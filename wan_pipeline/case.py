@@ -27,7 +27,9 @@ class WanCase:
     def id(self) -> str:
         c = self.config
         sp = f"-sp{c.sequence_parallel}" if c.sequence_parallel > 1 else ""
-        return f"{c.name}-{c.attention}-{c.precision}-compile{int(c.compile)}{sp}"
+        placement = f"-{c.residency}" if c.residency != "auto" else ""
+        bands = f"-vae{c.vae_bands}bands" if c.vae_bands > 1 else ""
+        return f"{c.name}-{c.attention}-{c.precision}-compile{int(c.compile)}{sp}{placement}{bands}"
 
     def __str__(self) -> str:
         return self.id

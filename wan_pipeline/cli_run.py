@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .config import ATTENTION_BACKENDS, MODES, PRECISIONS, RunConfig
+from .config import ATTENTION_BACKENDS, MODES, PRECISIONS, RESIDENCIES, RunConfig
 from .errors import WanBenchError
 from .plan import Plan, make_plan
 from .presets import PRESETS, get_preset
@@ -24,6 +24,10 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="regional torch.compile of the transformer blocks (default: $TORCH_COMPILE)")
     p.add_argument("--seed", type=int, help="noise seed (default: the preset's)")
+    p.add_argument("--residency", choices=RESIDENCIES,
+                   help="what stays on the GPU (default auto: everything that fits)")
+    p.add_argument("--vae-bands", type=int, metavar="N",
+                   help="VAE in N bands of rows one after another, as ComfyUI's tiled VAE nodes (default 1)")
 
 
 def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
@@ -47,6 +51,10 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
         overrides["compile"] = compile_flag
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.residency:
+        overrides["residency"] = args.residency
+    if args.vae_bands is not None:
+        overrides["vae_bands"] = args.vae_bands
     return [c.replace(**overrides) for c in configs]
 
 

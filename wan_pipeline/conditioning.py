@@ -64,10 +64,10 @@ def _vae_dtype(vae) -> torch.dtype:
 
 
 @torch.no_grad()
-def image_conditioning(models, image01: torch.Tensor, plan: Plan, vae_split=None) -> torch.Tensor:
+def image_conditioning(models, image01: torch.Tensor, plan: Plan, vae_bands=None) -> torch.Tensor:
     """WanImageToVideo: the start frame then 0.5 gray, VAE-encoded (mean), normalised, behind a 4-channel mask
-    that is 1 on the first latent frame. Returns [B, 20, T_lat, H/8, W/8] float32. With a `vae_split`
-    (sequence-parallel ranks) each rank encodes one band of rows."""
+    that is 1 on the first latent frame. Returns [B, 20, T_lat, H/8, W/8] float32. With `vae_bands`
+    (vae_split.VaeBands) the VAE encodes bands of rows: one per sequence-parallel rank, or one after another."""
     frames, height, width = plan.frames, plan.height, plan.width
     video = torch.full((frames, height, width, 3), 0.5, dtype=torch.float32)
     video[:1] = image01
@@ -75,7 +75,7 @@ def image_conditioning(models, image01: torch.Tensor, plan: Plan, vae_split=None
     vae = models.vae
     x = x.to(models.device, _vae_dtype(vae))
     encode = lambda pixels: vae.encode(pixels).latent_dist.mode()  # noqa: E731
-    latent = (vae_split.encode(encode, x) if vae_split else encode(x)).float()
+    latent = (vae_bands.encode(encode, x) if vae_bands else encode(x)).float()
     latent = process_latent_in(latent)
     b, _, t, h, w = plan.latent_shape
     if latent.shape[2:] != (t, h, w):
@@ -87,13 +87,13 @@ def image_conditioning(models, image01: torch.Tensor, plan: Plan, vae_split=None
 
 
 @torch.no_grad()
-def decode(models, latent: torch.Tensor, vae_split=None) -> np.ndarray:
-    """VAE latent [B, 16, T, h, w] -> uint8 frames [T', H, W, 3] of the first batch item (with a `vae_split`,
-    each sequence-parallel rank decodes one band of rows)."""
+def decode(models, latent: torch.Tensor, vae_bands=None) -> np.ndarray:
+    """VAE latent [B, 16, T, h, w] -> uint8 frames [T', H, W, 3] of the first batch item (with `vae_bands`, in
+    bands of rows)."""
     vae = models.vae
     z = latent[:1].to(models.device, _vae_dtype(vae))
     run = lambda part: vae.decode(part).sample  # noqa: E731  [1, 3, T', H, W] in [-1, 1]
-    pixels = vae_split.decode(run, z) if vae_split else run(z)
+    pixels = vae_bands.decode(run, z) if vae_bands else run(z)
     pixels = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)
     frames = (pixels[0].permute(1, 2, 3, 0) * 255.0).round().to(torch.uint8)
     return frames.cpu().numpy()

@@ -19,6 +19,7 @@ SAMPLERS = ("euler",)
 SCHEDULERS = ("simple",)
 MODES = ("tiny", "synthetic", "real")
 PRECISIONS = ("auto", "bf16", "fp16", "fp8-upcast", "fp8-scaled-mm")
+RESIDENCIES = ("auto", "resident", "offload-text-encoder", "offload-idle-expert")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "sage", "flash-attn",
                       "cudnn-fp8")
 
@@ -102,6 +103,8 @@ class RunConfig:
     precision: str = "auto"  # what ComfyUI does with fp8_scaled files on this card (precision.resolve_precision)
     compile: bool = False
     sequence_parallel: int = 1  # Ulysses degree: one generation split over this many GPUs (torchrun ranks)
+    residency: str = "auto"  # what stays on the GPU (models.Residency); auto: everything that fits
+    vae_bands: int = 1  # VAE in N bands of rows one after another (ComfyUI's tiled VAE nodes); 1: whole frame
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -116,12 +119,17 @@ class RunConfig:
             raise ConfigError(f"{self.name}: attention {self.attention!r} is not one of {ATTENTION_BACKENDS}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{self.name}: precision {self.precision!r} is not one of {PRECISIONS}")
-        for field_name in ("width", "height", "length", "fps", "batch_size", "sequence_parallel"):
+        if self.residency not in RESIDENCIES:
+            raise ConfigError(f"{self.name}: residency {self.residency!r} is not one of {RESIDENCIES}")
+        for field_name in ("width", "height", "length", "fps", "batch_size", "sequence_parallel", "vae_bands"):
             value = getattr(self, field_name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{self.name}: {field_name} must be a positive integer, got {value!r}")
         if self.width < 16 or self.height < 16:
             raise ConfigError(f"{self.name}: width and height must be at least 16, got {self.width}x{self.height}")
+        if self.sequence_parallel > 1 and self.vae_bands not in (1, self.sequence_parallel):
+            raise ConfigError(f"{self.name}: with sequence parallelism the VAE bands are the {self.sequence_parallel} "
+                              f"ranks; vae_bands {self.vae_bands} cannot apply as well")
         snapped = snap_geometry(self.width, self.height, self.length)
         if snapped != (self.width, self.height, self.length):
             w, h, n = snapped

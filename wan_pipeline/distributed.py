@@ -126,7 +126,7 @@ def enable_sequence_parallel(models, degree: int, attention: str):
     of the running process group (once per model set: diffusers cannot undo it). Returns this rank's VAE split."""
     import torch.distributed as dist
 
-    from .vae_split import VaeSplit
+    from .vae_split import VaeBands
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() != degree:
         have = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -142,7 +142,7 @@ def enable_sequence_parallel(models, degree: int, attention: str):
         if getattr(expert, "_wan_bench_ulysses", None) != degree:
             expert.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
             expert._wan_bench_ulysses = degree
-    return VaeSplit(rank=dist.get_rank(), world=degree)
+    return VaeBands(parts=degree, rank=dist.get_rank())
 
 
 def worker_main(argv: list[str] | None = None) -> int:

@@ -184,9 +184,10 @@ class Residency:
     leaves after encoding), or "offload-idle-expert" (one expert at a time; the swap is its own timed stage).
     """
 
-    def __init__(self, models: ModelSet, reserve_bytes: int, total_bytes: int | None = None):
+    def __init__(self, models: ModelSet, reserve_bytes: int, total_bytes: int | None = None, policy: str = "auto"):
         self.models = models
         self.device = models.device
+        self._host: dict[str, dict[str, torch.Tensor]] = {}  # offloaded component -> its host copy by tensor name
         self.sizes = {
             "text_encoder": parameter_bytes(models.text_encoder),
             "vae": parameter_bytes(models.vae),
@@ -198,11 +199,21 @@ class Residency:
         total = total_bytes if total_bytes is not None else torch.cuda.get_device_properties(self.device).total_memory
         experts = sum(v for k, v in self.sizes.items() if k.startswith("expert:"))
         largest_expert = max(v for k, v in self.sizes.items() if k.startswith("expert:"))
-        if sum(self.sizes.values()) + reserve_bytes <= total:
+        fits = {
+            "resident": sum(self.sizes.values()) + reserve_bytes <= total,
+            "offload-text-encoder": experts + self.sizes["vae"] + reserve_bytes <= total,
+            "offload-idle-expert": largest_expert + self.sizes["vae"] + reserve_bytes <= total,
+        }
+        if policy != "auto":
+            if not fits[policy]:
+                raise WanBenchError(f"residency {policy!r} does not fit this card ({total / 1e9:.1f} GB) with "
+                                    f"{reserve_bytes / 1e9:.1f} GB working memory; try auto")
+            self.policy = policy
+        elif fits["resident"]:
             self.policy = "resident"
-        elif experts + self.sizes["vae"] + reserve_bytes <= total:
+        elif fits["offload-text-encoder"]:
             self.policy = "offload-text-encoder"
-        elif largest_expert + self.sizes["vae"] + reserve_bytes <= total:
+        elif fits["offload-idle-expert"]:
             self.policy = "offload-idle-expert"
         else:
             raise WanBenchError(
@@ -220,8 +231,29 @@ class Residency:
     def _place(self, name: str, device: torch.device | str) -> None:
         module = self._module(name)
         first = next(module.parameters(), None)
-        if first is not None and first.device.type != torch.device(device).type:
-            module.to(device, non_blocking=False)
+        target = torch.device(device)
+        if first is None or first.device.type == target.type:
+            return
+        if target.type == "cpu":
+            self._offload(name, module)
+        else:
+            module.to(target, non_blocking=True)  # from pinned host memory: an asynchronous copy
+
+    def _offload(self, name: str, module: torch.nn.Module) -> None:
+        """Point the module back at its host copy. Weights never change during a run, so the copy made at the first
+        offload (pinned, for fast copies back) is reused and later offloads move no data."""
+        host = self._host.get(name)
+        if host is None:
+            host = self._host[name] = {}
+            for key, tensor in _tensors(module):
+                copy = tensor.detach().to("cpu")
+                try:
+                    copy = copy.pin_memory()
+                except RuntimeError:  # no page-locked memory to spare: a plain host copy still works
+                    pass
+                host[key] = copy
+        for key, tensor in _tensors(module):
+            tensor.data = host[key]
 
     def need(self, name: str) -> None:
         """Make `name` resident on the device, evicting what the policy says must leave: the text encoder for
@@ -249,14 +281,19 @@ class Residency:
         return {"policy": self.policy, "bytes": dict(self.sizes)}
 
 
-def working_memory_estimate(tokens: int, width: int, height: int, inner_dim: int = 5120) -> int:
+def _tensors(module: torch.nn.Module):
+    yield from module.named_parameters()
+    yield from module.named_buffers()
+
+
+def working_memory_estimate(tokens: int, width: int, height: int, inner_dim: int = 5120, vae_bands: int = 1) -> int:
     """Bytes a run needs beyond the weights: the larger of a transformer forward's activations and the VAE.
 
     VAE encode/decode of 49 x 1216 x 832 in bf16 peaks near 12 GiB (REFERENCE §4 measured 11.5 GB for decode)
     and scales with the frame area; a block's activations are about a dozen bf16 copies of the hidden states.
     3 GiB margin for the allocator and the text encoder's activations.
     """
-    vae = int(12 * 2**30 * (width * height) / (832 * 1216))
+    vae = int(12 * 2**30 * (width * height) / (832 * 1216) / vae_bands)
     transformer = tokens * inner_dim * 2 * 12
     return max(vae, transformer) + 3 * 2**30
 

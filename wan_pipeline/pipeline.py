@@ -64,7 +64,7 @@ class Prepared:
     compile_enabled: bool
     image: np.ndarray  # the start image as loaded (ComfyUI's LoadImage: read once, not part of a round)
     notes: list[str] = field(default_factory=list)
-    vae_split: object | None = None  # sequence parallel: this rank's band of the VAE work (vae_split.VaeSplit)
+    vae_bands: object | None = None  # vae_split.VaeBands: this rank's band (sequence parallel) or bands in turn
 
 
 @dataclass
@@ -93,22 +93,29 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
     for expert in models.experts.values():
         attention.install(expert, kernel)
     notes = list(models.notes)
-    vae_split = None
+    vae_bands = None
     if plan.config.sequence_parallel > 1:
         from .distributed import enable_sequence_parallel
 
-        vae_split = enable_sequence_parallel(models, plan.config.sequence_parallel, plan.config.attention)
-        notes.append(f"Ulysses sequence parallelism over {vae_split.world} ranks; the VAE split into "
-                     f"{vae_split.world} bands of rows (halo {vae_split.halo} latent rows)")
+        vae_bands = enable_sequence_parallel(models, plan.config.sequence_parallel, plan.config.attention)
+        notes.append(f"Ulysses sequence parallelism over {vae_bands.parts} ranks; the VAE split into "
+                     f"{vae_bands.parts} bands of rows, one per rank (halo {vae_bands.halo} latent rows)")
+    elif plan.config.vae_bands > 1:
+        from .vae_split import VaeBands
+
+        vae_bands = VaeBands(plan.config.vae_bands)
+        notes.append(f"VAE in {vae_bands.parts} bands of rows one after another (halo {vae_bands.halo} latent rows), "
+                     f"as ComfyUI's tiled VAE nodes: less memory, frames close to the whole-frame VAE's")
     compile_enabled = models.key.compile
     if compile_enabled and not getattr(models, "_compiled", False):
         for expert in models.experts.values():
             expert.compile_repeated_blocks(fullgraph=True)
         models._compiled = True
     inner = heads * head_dim
-    residency = Residency(models, working_memory_estimate(plan.tokens, plan.width, plan.height, inner))
+    working = working_memory_estimate(plan.tokens, plan.width, plan.height, inner, vae_bands.parts if vae_bands else 1)
+    residency = Residency(models, working, policy=plan.config.residency)
     image = conditioning.start_image(plan.config.image, plan.width, plan.height)
-    return Prepared(models, choice, residency, compile_enabled, image, notes, vae_split)
+    return Prepared(models, choice, residency, compile_enabled, image, notes, vae_bands)
 
 
 def prepare(config: RunConfig, mode: str, models_dir: str | None = None, seed: int = 0) -> tuple[Plan, Prepared]:
@@ -134,7 +141,7 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
     with timer.stage("image_encode"):
         residency.need("vae")
         image01 = conditioning.upscale_center(prepared.image, plan.width, plan.height)
-        concat = conditioning.image_conditioning(models, image01, plan, prepared.vae_split)
+        concat = conditioning.image_conditioning(models, image01, plan, prepared.vae_bands)
 
     latent = torch.zeros(plan.latent_shape, dtype=torch.float32, device=models.device)
     bar = _progress_bar(plan) if progress else None
@@ -151,7 +158,7 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
 
     with timer.stage("decode"):
         residency.need("vae")
-        frames = conditioning.decode(models, latent, prepared.vae_split)
+        frames = conditioning.decode(models, latent, prepared.vae_bands)
 
     return Generation(frames, latent.cpu(), dict(timer.seconds), dict(timer.peak_bytes))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .config import ATTENTION_BACKENDS, MODES, PRECISIONS
+from .config import ATTENTION_BACKENDS, MODES, PRECISIONS, RESIDENCIES
 from .presets import DEFAULT_MATRIX, get_preset
 
 _OPTIONS = (
@@ -34,6 +34,10 @@ _OPTIONS = (
     ("--wan-gpus", "WAN_GPUS", "spread the wan cases over GPUs, one worker pinned per GPU: all, a count or a comma "
                                "list of device indices (tiny mode on a CPU: a count of CPU workers)"),
     ("--wan-gpus-timeout", "WAN_GPUS_TIMEOUT", "seconds the --wan-gpus workers may run in all (default: no limit)"),
+    ("--wan-residency", "WAN_RESIDENCY", "what stays on the GPU: auto (default: everything that fits), resident, "
+                                         "offload-text-encoder or offload-idle-expert"),
+    ("--wan-vae-bands", "WAN_VAE_BANDS", "run the VAE in N bands of rows one after another, as ComfyUI's tiled VAE "
+                                         "nodes (less memory; default 1: the whole frame)"),
     ("--wan-sp", "WAN_SP", "sequence parallel: rerun the session as N torchrun ranks (NCCL, one per GPU); every case "
                            "runs on one GPU and split over N (Ulysses), with speed-up and scaling efficiency"),
 )
@@ -75,6 +79,8 @@ class WanOptions:
     workflow: str | None
     video: str = "mp4"
     sequence_parallel: int = 1
+    residency: str = "auto"
+    vae_bands: int = 1
 
 
 def _compile_values(value: str | None) -> tuple[bool, ...]:
@@ -124,7 +130,15 @@ def read_options(config) -> WanOptions:
         workflow=_option(config, "--wan-workflow"),
         video=_video_format(_option(config, "--wan-video")),
         sequence_parallel=_int_option(config, "--wan-sp", 1, 1),
+        residency=_choice(_option(config, "--wan-residency") or "auto", "--wan-residency", RESIDENCIES),
+        vae_bands=_int_option(config, "--wan-vae-bands", 1, 1),
     )
+
+
+def _choice(value: str, option: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise pytest.UsageError(f"{option}: unknown value {value!r}; choose from {allowed}")
+    return value
 
 
 def _video_format(value: str | None) -> str:
@@ -277,7 +291,8 @@ def build_cases(options: WanOptions):
                 for attention in options.attention:
                     for degree in degrees:
                         case_config = config.replace(attention=attention, precision=precision, compile=compile_on,
-                                                     sequence_parallel=degree)
+                                                     sequence_parallel=degree, residency=options.residency,
+                                                     vae_bands=options.vae_bands)
                         cases.append(WanCase(resolve_run_precision(case_config, mode), mode))
     return cases
 

@@ -1,4 +1,4 @@
-"""The VAE split over sequence-parallel ranks: each rank encodes and decodes one horizontal band of the frame.
+"""The VAE in bands of rows: split over sequence-parallel ranks, or one band after another to save memory.
 
 Ulysses splits the experts' tokens over the ranks, but the Wan VAE (a causal 3D convolution net, sequential in
 time) would run whole on every rank and cap the speed-up (at 81 frames on 2 H100s, encode and decode were a fifth
@@ -6,6 +6,9 @@ of the parallel run). As LightX2V and xDiT do, each rank takes a band of latent 
 convolutions see their neighbours, runs the VAE on it, drops the halo and all-gathers the bands. The VAE's
 mid-block attention sees band plus halo only, so the frames are close to, not bit-identical with, the whole-frame
 VAE: `wan-bench run --gpus N` reports their PSNR against the one-GPU run.
+
+On one GPU the same bands, run one after another (`vae_bands` in the run configuration), bound the VAE's working
+memory, as ComfyUI's "VAE Decode (Tiled)" does; the default is the whole frame, as ComfyUI's "VAE Decode".
 """
 
 from __future__ import annotations
@@ -66,26 +69,32 @@ def process_group_all_gather(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class VaeSplit:
-    """This rank's share of the VAE work; `all_gather(tensor) -> [tensor of each rank]`."""
+class VaeBands:
+    """The VAE run in `parts` bands of rows. With a `rank` (sequence parallel) this process computes its own band and
+    `all_gather(tensor) -> [tensor of each rank]` assembles the frame; without, it computes every band one after
+    another, which is how ComfyUI's tiled VAE nodes save memory."""
 
-    rank: int
-    world: int
-    all_gather: Callable = process_group_all_gather
+    parts: int
     halo: int = HALO_LATENT_ROWS
+    rank: int | None = None
+    all_gather: Callable | None = None
+
+    def _run(self, fn: Callable, x: torch.Tensor, rows: int, scale_in: int, scale_out: int) -> torch.Tensor:
+        layout = bands(rows, self.parts, self.halo)
+
+        def one(band: Band) -> torch.Tensor:
+            out = fn(x[..., band.lo * scale_in:band.hi * scale_in, :])
+            return out[..., (band.start - band.lo) * scale_out:(band.stop - band.lo) * scale_out, :]
+
+        if self.rank is None:
+            return torch.cat([one(b) for b in layout], dim=-2)
+        return gather_bands(one(layout[self.rank]), [(b.stop - b.start) * scale_out for b in layout],
+                            self.all_gather or process_group_all_gather)
 
     def encode(self, encode: Callable[[torch.Tensor], torch.Tensor], pixels: torch.Tensor) -> torch.Tensor:
-        """`encode` maps pixels [..., H, W] to a latent [..., H/8, W/8]; run on this rank's band, gathered."""
-        layout = bands(pixels.shape[-2] // VAE_SPATIAL, self.world, self.halo)
-        band = layout[self.rank]
-        latent = encode(pixels[..., band.lo * VAE_SPATIAL:band.hi * VAE_SPATIAL, :])
-        mine = latent[..., band.start - band.lo:band.stop - band.lo, :]
-        return gather_bands(mine, [b.stop - b.start for b in layout], self.all_gather)
+        """`encode` maps pixels [..., H, W] to a latent [..., H/8, W/8]."""
+        return self._run(encode, pixels, pixels.shape[-2] // VAE_SPATIAL, VAE_SPATIAL, 1)
 
     def decode(self, decode: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor) -> torch.Tensor:
-        """`decode` maps a latent [..., h, w] to pixels [..., 8h, 8w]; run on this rank's band, gathered."""
-        layout = bands(latent.shape[-2], self.world, self.halo)
-        band = layout[self.rank]
-        pixels = decode(latent[..., band.lo:band.hi, :])
-        mine = pixels[..., (band.start - band.lo) * VAE_SPATIAL:(band.stop - band.lo) * VAE_SPATIAL, :]
-        return gather_bands(mine, [(b.stop - b.start) * VAE_SPATIAL for b in layout], self.all_gather)
+        """`decode` maps a latent [..., h, w] to pixels [..., 8h, 8w]."""
+        return self._run(decode, latent, latent.shape[-2], 1, VAE_SPATIAL)
