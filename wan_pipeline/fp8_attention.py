@@ -26,24 +26,11 @@ Only the core graph API of nvidia-cudnn-frontend is used (`cudnn.pygraph`, `sdpa
 need its optional nvidia-cutlass-dsl / apache-tvm-ffi / cuda-python dependencies. One caveat: without cuda-python
 a graph must be given a handle (`cudnn.create_handle()`) -- the frontend's handle-less default reaches for
 `cuda.bindings` -- so every graph here is built with an explicit per-device handle.
-
-Plan autotuning: each graph asks cuDNN's heuristics (modes A, B and FALLBACK) for every execution plan they
-offer and builds all of them (`get_execution_plan_count` / `build_plan_at_index`); the first real call of a shape
-times each built plan on that call's own tensors (CUDA events, 1 warm-up + 3 runs; a plan that raises or whose
-output disagrees with the default plan's is skipped), keeps the fastest (if it beats the default plan, the one
-`build_plans()` would pick, by more than `AUTOTUNE_SWITCH_MARGIN`) and runs it with `execute_plan_at_index` from
-then on, with the workspace sized for it. Only that first call synchronizes with the host. `AUTOTUNE_LOG` (keyed
-like the graph cache) records, per shape, every plan's name, knobs, workspace and time and the one chosen, or why
-no tuning happened. `AUTOTUNE = False` (or WAN_FP8_SDPA_AUTOTUNE=0) restores the plain heuristic choice;
-`AUTOTUNE_KNOB_SWEEP = True` (or WAN_FP8_SDPA_KNOB_SWEEP=1) also appends, one knob at a time, every other value
-of each engine's knobs (`get_knobs_for_engine` / `create_execution_plan`) to the candidates -- off by default,
-since it makes the first call of a shape take seconds longer.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,22 +44,6 @@ _AMAX_FLOOR = 1e-12  # an all-zero tensor gets a finite scale instead of 448 / 0
 # cuDNN 9.1.0 or newer, and not 9.10.0 (disabled there for a known bug).
 _MIN_BACKEND_VERSION = 90100
 _BROKEN_BACKEND_VERSIONS = frozenset({91000})
-
-# Plan autotuning (see the module docstring). Read at graph-build time, so a caller may flip them before first use.
-AUTOTUNE = os.environ.get("WAN_FP8_SDPA_AUTOTUNE", "1") != "0"
-AUTOTUNE_KNOB_SWEEP = os.environ.get("WAN_FP8_SDPA_KNOB_SWEEP", "0") == "1"
-AUTOTUNE_HEURISTICS = ("A", "B", "FALLBACK")  # cudnn.heur_mode members asked for plans, in this order
-AUTOTUNE_WARMUP, AUTOTUNE_RUNS = 1, 3  # per plan, on the first real call of a shape
-AUTOTUNE_SWITCH_MARGIN = 0.005  # leave the default plan only for one at least 0.5% faster (timing noise)
-AUTOTUNE_MIN_COSINE = 0.99  # a plan whose output strays further from the default plan's is skipped
-_KNOB_SWEEP_MAX_VALUES = 64  # a knob with a wider range is not swept
-_KNOB_SWEEP_MAX_PLANS = 96  # appended candidates at most, per graph
-_PLAN_API = ("get_execution_plan_count", "build_plan_at_index", "execute_plan_at_index",
-             "get_workspace_size_plan_at_index")
-
-# key (as in _GRAPHS) -> what autotuning did for that shape: "status", "reason", "plans" (index -> name, source,
-# knobs, workspace, ms or error), "default_index", "chosen_index", "chosen_name", "default_ms", "chosen_ms".
-AUTOTUNE_LOG: dict[tuple, dict] = {}
 
 
 def _import_cudnn():
@@ -124,10 +95,6 @@ class _CachedGraph:
     descale_s: torch.Tensor  # [1, 1, 1, 1] float32, 1 / SOFTMAX_SCALE
     amax_s: torch.Tensor  # [1, 1, 1, 1] float32, written by the kernel (unused)
     amax_o: torch.Tensor  # [1, 1, 1, 1] float32, written by the kernel (unused)
-    plan_index: int | None = None  # run with execute_plan_at_index(index=plan_index); None: graph.execute()
-    default_index: int | None = None  # the plan the heuristics put first (what build_plans() selects)
-    candidates: list = field(default_factory=list)  # built plan indices still to time on the first call
-    log: dict = field(default_factory=dict)  # this graph's AUTOTUNE_LOG entry
 
 
 _GRAPHS: dict[tuple, _CachedGraph] = {}
@@ -161,124 +128,7 @@ def _as_4d(scalar: torch.Tensor) -> torch.Tensor:
     return scalar.reshape(1, 1, 1, 1)
 
 
-def _short(exc: BaseException, limit: int = 300) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _knobs_repr(knobs: Any) -> dict:
-    """{knob name: value} for a plan's {cudnn.knob_type: int} dict, printable and JSON-friendly."""
-    return {getattr(k, "name", str(k)): int(v) for k, v in dict(knobs or {}).items()}
-
-
-def _plan_info(graph, index: int, source: str) -> dict:
-    info: dict = {"source": source}
-    try:
-        info["name"] = graph.get_plan_name_at_index(index)
-    except Exception as exc:  # the name is for the log only
-        info["name"] = f"? ({_short(exc, 120)})"
-    try:
-        engine_id, knobs = graph.get_engine_and_knobs_at_index(index)
-        info["engine_id"], info["knobs"] = int(engine_id), _knobs_repr(knobs)
-    except Exception:
-        pass
-    return info
-
-
-def _append_knob_variants(graph, n_heuristic: int, log: dict) -> int:
-    """Append, for each engine among the heuristic plans, every other value of each of its knobs (one knob changed
-    at a time from the first heuristic plan of that engine) as explicit plans. Returns how many were appended."""
-    seen, bases = set(), {}
-    for i in range(n_heuristic):
-        try:
-            engine_id, knobs = graph.get_engine_and_knobs_at_index(i)
-        except Exception:
-            continue
-        knobs = dict(knobs or {})
-        seen.add((int(engine_id), tuple(sorted((str(k), int(v)) for k, v in knobs.items()))))
-        bases.setdefault(int(engine_id), knobs)
-    added, notes = 0, []
-    for engine_id, base in bases.items():
-        try:
-            specs = list(graph.get_knobs_for_engine(engine_id))
-        except Exception as exc:
-            notes.append(f"engine {engine_id}: get_knobs_for_engine failed ({_short(exc, 120)})")
-            continue
-        for spec in specs:
-            values = range(int(spec.min_value), int(spec.max_value) + 1, max(int(spec.stride), 1))
-            if len(values) > _KNOB_SWEEP_MAX_VALUES:
-                notes.append(f"engine {engine_id}: {getattr(spec.type, 'name', spec.type)} has {len(values)} values, "
-                             f"not swept")
-                continue
-            for value in values:
-                knobs = dict(base)
-                knobs[spec.type] = value
-                sig = (engine_id, tuple(sorted((str(k), int(v)) for k, v in knobs.items())))
-                if sig in seen:
-                    continue
-                seen.add(sig)
-                if added >= _KNOB_SWEEP_MAX_PLANS:
-                    notes.append(f"stopped at {_KNOB_SWEEP_MAX_PLANS} appended plans")
-                    log["knob_sweep_notes"] = notes
-                    return added
-                try:
-                    graph.create_execution_plan(engine_id, knobs)
-                    added += 1
-                except Exception:  # a knob combination the engine rejects
-                    continue
-    if notes:
-        log["knob_sweep_notes"] = notes
-    return added
-
-
-def _prepare_plans(graph, cudnn, log: dict) -> tuple[int | None, int | None, list, int]:
-    """create_execution_plans -> check_support -> build every plan. Returns (plan_index, default_index,
-    candidates, workspace bytes); plan_index None means the graph's own selection (graph.execute)."""
-    missing = [name for name in _PLAN_API if not hasattr(graph, name)]
-    if not AUTOTUNE or missing:
-        log["status"] = "disabled" if not AUTOTUNE else "api_missing"
-        log["reason"] = ("AUTOTUNE is off (WAN_FP8_SDPA_AUTOTUNE=0)" if not AUTOTUNE else
-                         f"this cudnn frontend lacks {', '.join(missing)}: the heuristics' first plan is used")
-        graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
-        graph.check_support()
-        graph.build_plans()
-        return None, None, [], graph.get_workspace_size()
-
-    modes = [getattr(cudnn.heur_mode, m) for m in AUTOTUNE_HEURISTICS if hasattr(cudnn.heur_mode, m)]
-    graph.create_execution_plans(modes)
-    graph.check_support()
-    n_heuristic = graph.get_execution_plan_count()
-    n_swept = 0
-    if AUTOTUNE_KNOB_SWEEP:
-        try:
-            n_swept = _append_knob_variants(graph, n_heuristic, log)
-        except Exception as exc:
-            log["knob_sweep_notes"] = [f"knob sweep failed: {_short(exc)}"]
-    plans, built = log.setdefault("plans", {}), []
-    for i in range(graph.get_execution_plan_count()):
-        plans[i] = info = _plan_info(graph, i, "heuristic" if i < n_heuristic else "knob_sweep")
-        try:
-            graph.build_plan_at_index(i)
-            info["workspace"] = int(graph.get_workspace_size_plan_at_index(i))
-            built.append(i)
-        except Exception as exc:  # a plan the engine declines at build time
-            info["error"] = "build: " + _short(exc)
-    log.update(n_heuristic_plans=n_heuristic, n_knob_sweep_plans=n_swept, n_built=len(built))
-    if not built:
-        raise RuntimeError(f"cuDNN FP8 SDPA: none of the {len(plans)} execution plan(s) built: "
-                           + "; ".join(f"[{i}] {p.get('error')}" for i, p in plans.items()))
-    default = built[0]  # the ranked list's first buildable plan: what build_plans() would have selected
-    log.update(default_index=default, default_name=plans[default].get("name"), chosen_index=default,
-               chosen_name=plans[default].get("name"))
-    if len(built) == 1:
-        log["status"], log["reason"] = "single_plan", "only one execution plan built; nothing to tune"
-        return default, default, [], plans[default]["workspace"]
-    log["status"], log["reason"] = "pending", "plans are timed on the first call of this shape"
-    return default, default, built, max(plans[i]["workspace"] for i in built)
-
-
-def _build(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, o8: torch.Tensor, attn_scale: float,
-           key: tuple | None = None) -> _CachedGraph:
+def _build(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, o8: torch.Tensor, attn_scale: float) -> _CachedGraph:
     """Build cuDNN's FP8 SDPA forward graph for these exact shapes/strides (validate -> plans -> build)."""
     cudnn = _import_cudnn()
     device = q8.device
@@ -308,87 +158,18 @@ def _build(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, o8: torch.Tenso
 
     graph.validate()
     graph.build_operation_graph()
-    log: dict = {}
-    if key is not None:
-        AUTOTUNE_LOG[key] = log
-    plan_index, default_index, candidates, workspace_bytes = _prepare_plans(graph, cudnn, log)
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
 
     def f32_scalar(value: float) -> torch.Tensor:
         return torch.full((1, 1, 1, 1), value, dtype=torch.float32, device=device)
 
     return _CachedGraph(
         graph=graph, tensors=t,
-        workspace=torch.empty(max(workspace_bytes, 1), dtype=torch.uint8, device=device),
+        workspace=torch.empty(max(graph.get_workspace_size(), 1), dtype=torch.uint8, device=device),
         scale_s=f32_scalar(SOFTMAX_SCALE), descale_s=f32_scalar(1.0 / SOFTMAX_SCALE),
-        amax_s=f32_scalar(0.0), amax_o=f32_scalar(0.0),
-        plan_index=plan_index, default_index=default_index, candidates=candidates, log=log)
-
-
-def _output_sample(o8: torch.Tensor) -> torch.Tensor:
-    """A few heads of O as float32 (about 4 of them), to compare plans' outputs without copying all of O."""
-    return o8[:, :: max(1, o8.shape[1] // 4)].float().flatten()
-
-
-def _autotune(cached: _CachedGraph, variant_pack: dict, o8: torch.Tensor, handle, stream) -> None:
-    """Time every candidate plan on this call's tensors, keep the fastest, and leave O written by it.
-
-    The one place this module synchronizes with the host, once per shape. Under CUDA-graph capture nothing is timed
-    (and the workspace is not reallocated, since the capture holds its address): the default plan is kept."""
-    graph, log, candidates = cached.graph, cached.log, cached.candidates
-    cached.candidates = []
-    default = cached.default_index
-
-    def run(index: int) -> None:
-        graph.execute_plan_at_index(variant_pack, cached.workspace, index=index, handle=handle)
-
-    if torch.cuda.is_current_stream_capturing():
-        log["status"], log["reason"] = "skipped_capture", "first call of this shape was under CUDA-graph capture"
-        cached.plan_index = default
-        run(default)
-        return
-    plans, reference, timings = log["plans"], None, {}
-    order = [default] + [i for i in candidates if i != default]
-    for index in order:
-        info = plans[index]
-        try:
-            for _ in range(AUTOTUNE_WARMUP):
-                run(index)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record(stream)
-            for _ in range(AUTOTUNE_RUNS):
-                run(index)
-            end.record(stream)
-            end.synchronize()
-            ms = start.elapsed_time(end) / AUTOTUNE_RUNS
-        except Exception as exc:  # a plan that fails to launch is skipped
-            info["error"] = "execute: " + _short(exc)
-            continue
-        info["ms"] = round(ms, 4)
-        sample = _output_sample(o8)
-        if reference is None:
-            reference = sample  # the default plan's output (or the first plan that ran)
-        else:
-            cosine = torch.nn.functional.cosine_similarity(sample, reference, dim=0).item()
-            info["cosine_vs_default"] = round(cosine, 6)
-            if not cosine >= AUTOTUNE_MIN_COSINE:  # also catches NaN
-                info["error"] = f"output differs from the default plan's (cosine {cosine:.4f})"
-                continue
-        timings[index] = ms
-    if not timings:
-        raise RuntimeError("cuDNN FP8 SDPA: no execution plan ran: "
-                           + "; ".join(f"[{i}] {plans[i].get('error')}" for i in order))
-    best = min(timings, key=timings.get)
-    baseline = timings.get(default)
-    if baseline is not None and timings[best] > baseline * (1.0 - AUTOTUNE_SWITCH_MARGIN):
-        best = default
-    cached.plan_index = best
-    needed = max(plans[best].get("workspace", 0), 1)
-    if needed < cached.workspace.numel():
-        cached.workspace = torch.empty(needed, dtype=torch.uint8, device=cached.workspace.device)
-    log.update(status="tuned", reason=f"timed {len(timings)} of {len(order)} plan(s)", chosen_index=best,
-               chosen_name=plans[best].get("name"), chosen_ms=round(timings[best], 4),
-               default_ms=None if baseline is None else round(baseline, 4))
-    run(best)  # O must come from the chosen plan (it was last written by whichever plan was timed last)
+        amax_s=f32_scalar(0.0), amax_o=f32_scalar(0.0))
 
 
 @torch.library.custom_op("wan_bench::cudnn_fp8_sdpa", mutates_args=())
@@ -404,11 +185,10 @@ def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale
                tuple(v8.shape), v8.stride(), o8.stride(), attn_scale)
         cached = _GRAPHS.get(key)
         if cached is None:
-            cached = _GRAPHS[key] = _build(q8, k8, v8, o8, attn_scale, key)
+            cached = _GRAPHS[key] = _build(q8, k8, v8, o8, attn_scale)
         cudnn = _import_cudnn()
         handle = _handle(device.index)
-        stream = torch.cuda.current_stream(device)
-        cudnn.set_stream(handle, stream.cuda_stream)  # run on torch's stream
+        cudnn.set_stream(handle, torch.cuda.current_stream(device).cuda_stream)  # run on torch's stream
         t = cached.tensors
         variant_pack = {
             t["q"]: q8, t["k"]: k8, t["v"]: v8, t["o"]: o8,
@@ -416,13 +196,7 @@ def cudnn_fp8_sdpa(q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, descale
             t["descale_v"]: _as_4d(descale_v), t["descale_s"]: cached.descale_s, t["scale_s"]: cached.scale_s,
             t["scale_o"]: _as_4d(scale_o), t["amax_s"]: cached.amax_s, t["amax_o"]: cached.amax_o,
         }
-        if cached.candidates:  # first call of this shape: time the plans, run the fastest
-            _autotune(cached, variant_pack, o8, handle, stream)
-        elif cached.plan_index is None:
-            cached.graph.execute(variant_pack, cached.workspace, handle=handle)
-        else:
-            cached.graph.execute_plan_at_index(variant_pack, cached.workspace, index=cached.plan_index,
-                                               handle=handle)
+        cached.graph.execute(variant_pack, cached.workspace, handle=handle)
     return o8
 
 
