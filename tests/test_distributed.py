@@ -128,3 +128,25 @@ def test_sp_usage_errors_start_nothing(pytester, monkeypatch, extra, message):
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message.replace("[", "[[]")])
     assert "Traceback" not in result.stderr.str()
+
+
+def test_a_split_generation_is_compared_with_the_one_gpu_generation_of_the_same_configuration():
+    import numpy as np
+    import torch
+
+    from wan_pipeline.distributed import compare_with_single_gpu
+
+    class Gen:
+        def __init__(self, latent, frames):
+            self.latent, self.frames = latent, frames
+
+    store = {}
+    latent = torch.randn(1, 16, 3, 4, 4)
+    frames = np.full((9, 8, 8, 3), 100, np.uint8)
+    assert compare_with_single_gpu("p-sdpa-fp8-compile0", 1, Gen(latent, frames), store) is None
+    split = Gen(latent * 1.0001, frames + np.eye(8, dtype=np.uint8)[None, :, :, None])
+    result = compare_with_single_gpu("p-sdpa-fp8-compile0-sp2", 2, split, store)
+    assert result["latent_cosine_vs_single_gpu"] == pytest.approx(1.0)
+    assert 40 < result["frames_psnr_vs_single_gpu_db"] < 60
+    assert compare_with_single_gpu("q-sdpa-fp8-compile0-sp2", 2, split, store) == {
+        "latent_cosine_vs_single_gpu": None, "frames_psnr_vs_single_gpu_db": None}

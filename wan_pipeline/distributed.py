@@ -311,6 +311,23 @@ def sequence_parallel_info(degree: int, peak_bytes: int) -> dict | None:
     return {"degree": degree, "backend": "ulysses", "per_rank_peak_memory_bytes": peaks}
 
 
+def compare_with_single_gpu(case_id: str, degree: int, generation, store: dict) -> dict | None:
+    """The split generation's output against the one-GPU generation of the same configuration in this session
+    (kept in `store` when the one-GPU case runs): cosine of the final latents, PSNR of the decoded frames."""
+    frames = generation.frames[::FRAME_SAMPLE_STRIDE]
+    if degree <= 1:
+        store[case_id] = (generation.latent, frames)
+        return None
+    single = store.get(case_id.replace(f"-sp{degree}", ""))
+    if single is None:
+        return {"latent_cosine_vs_single_gpu": None, "frames_psnr_vs_single_gpu_db": None}
+    from .metrics import psnr
+    from .reference import cosine
+
+    return {"latent_cosine_vs_single_gpu": cosine(generation.latent, single[0]),
+            "frames_psnr_vs_single_gpu_db": psnr(frames, single[1])}
+
+
 def add_scaling_to_json(benchmarks: list[dict]) -> list[str]:
     """Give every N-GPU generation its speed-up and scaling efficiency over the one-GPU case of the same
     configuration in the same session (pytest-benchmark JSON, in place); returns summary lines."""
@@ -321,7 +338,7 @@ def add_scaling_to_json(benchmarks: list[dict]) -> list[str]:
         degree = sp.get("degree") or 1
         if degree <= 1:
             continue
-        single = by_name.get(bench["name"].replace(f"-sp{degree}]", "]"))
+        single = by_name.get(bench["name"].replace(f"-sp{degree}", ""))
         if single is None:
             continue
         result = scaling(single["stats"]["median"], bench["stats"]["median"], degree)

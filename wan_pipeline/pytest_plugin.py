@@ -385,6 +385,12 @@ def wan_forward_references():
 
 
 @pytest.fixture(scope="session")
+def wan_single_gpu_outputs():
+    """Final latents and sampled frames of the one-GPU cases, by case id: what --wan-sp cases are compared with."""
+    return {}
+
+
+@pytest.fixture(scope="session")
 def wan_report(pytestconfig):
     """Lines the terminal summary prints at the end (budgets checked or missing, quality skipped, throttling)."""
     lines: list[str] = []

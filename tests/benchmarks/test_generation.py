@@ -7,7 +7,7 @@ latency budget and the quality thresholds are checked after the rounds, with the
 import pytest
 
 from wan_pipeline.case import CaseRun
-from wan_pipeline.distributed import is_primary_rank
+from wan_pipeline.distributed import compare_with_single_gpu, is_primary_rank
 from wan_pipeline.metrics import compute_metrics
 from wan_pipeline.history import atomic_write_json
 from wan_pipeline.pytest_plugin import out_of_memory_isolation
@@ -15,7 +15,8 @@ from wan_pipeline.video import write_video
 
 
 @pytest.mark.wan
-def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budgets, wan_report):
+def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budgets, wan_report,
+                    wan_single_gpu_outputs):
     with out_of_memory_isolation(wan_case, wan_model_cache):
         loads_before = len(wan_model_cache.loads)
         plan, prepared = wan_model_cache.prepare(wan_case.config, wan_case.mode)
@@ -32,6 +33,12 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
     if primary:
         video = write_video(last.frames, video, plan.config.fps)
     info = run.extra_info(load_seconds=load_seconds, metrics=metrics, video=str(video))
+    degree = plan.config.sequence_parallel
+    matches = compare_with_single_gpu(wan_case.id, degree, last, wan_single_gpu_outputs)
+    if matches:
+        info["sequence_parallel"].update(matches)
+        wan_report.append(f"{wan_case.id}: final latents vs one GPU cosine {matches['latent_cosine_vs_single_gpu']}, "
+                          f"frames PSNR {matches['frames_psnr_vs_single_gpu_db']} dB")
     benchmark.extra_info.update(info)
     if primary:
         atomic_write_json(wan_options.out / f"{wan_case.id}.json", run.record(info))
