@@ -141,3 +141,13 @@ def test_workflow_option_benchmarks_the_workflow_and_its_variants(inner):
     assert ids[0].startswith("wf-users_variant-sdpa-bf16")
     assert any("-81f-" in i for i in ids) and any("-161f-" in i for i in ids)
     assert any("-cfg3.5-" in i for i in ids) and any("-cfg7.0-" in i for i in ids)
+
+
+def test_synthetic_runs_write_no_clip_and_no_metrics_unless_asked():
+    from wan_pipeline.pytest_plugin import clip_format, quality_metrics_wanted
+
+    assert clip_format("auto", "synthetic") is None  # full-size noise: seconds of encoding, nothing to see
+    assert clip_format("auto", "real") == "mp4" and clip_format("auto", "tiny") == "mp4"
+    assert clip_format("webp", "synthetic") == "webp" and clip_format("none", "real") is None
+    assert not quality_metrics_wanted("synthetic")
+    assert quality_metrics_wanted("real") and quality_metrics_wanted("tiny")

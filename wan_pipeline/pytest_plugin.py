@@ -30,7 +30,8 @@ _OPTIONS = (
     ("--wan-rounds", "WAN_ROUNDS", "timed rounds per case (default 5: the fewest that compare's rank test can judge)"),
     ("--wan-warmup", "WAN_WARMUP", "untimed warm-up generations per case (default 1)"),
     ("--wan-workflow", "WAN_WORKFLOW", "benchmark this ComfyUI workflow file and its matrix variants"),
-    ("--wan-video", "WAN_VIDEO", "container of the saved clips: mp4 (default, needs imageio-ffmpeg) or webp"),
+    ("--wan-video", "WAN_VIDEO", "saved clips: mp4 (needs imageio-ffmpeg), webp or none; default auto: none for "
+                                 "synthetic runs (full-size noise), mp4 otherwise"),
     ("--wan-gpus", "WAN_GPUS", "spread the wan cases over GPUs, one worker pinned per GPU: all, a count or a comma "
                                "list of device indices (tiny mode on a CPU: a count of CPU workers)"),
     ("--wan-gpus-timeout", "WAN_GPUS_TIMEOUT", "seconds the --wan-gpus workers may run in all (default: no limit)"),
@@ -77,7 +78,7 @@ class WanOptions:
     rounds: int
     warmup: int
     workflow: str | None
-    video: str = "mp4"
+    video: str = "auto"
     sequence_parallel: int = 1
     residency: str = "auto"
     vae_bands: int = 1
@@ -142,10 +143,24 @@ def _choice(value: str, option: str, allowed: tuple[str, ...]) -> str:
 
 
 def _video_format(value: str | None) -> str:
-    value = (value or "mp4").lower()
-    if value not in ("mp4", "webp"):
-        raise pytest.UsageError(f"--wan-video must be mp4 or webp, got {value!r}")
+    value = (value or "auto").lower()
+    if value not in ("auto", "mp4", "webp", "none"):
+        raise pytest.UsageError(f"--wan-video must be auto, mp4, webp or none, got {value!r}")
     return value
+
+
+def clip_format(video: str, mode: str) -> str | None:
+    """The container a case's clip is written in, or None for no clip. Synthetic weights make full-size noise:
+    writing it took 10-40 s a case on the H100 host (a third of a matrix's overhead) and shows nothing."""
+    if video == "auto":
+        return None if mode == "synthetic" else "mp4"
+    return None if video == "none" else video
+
+
+def quality_metrics_wanted(mode: str) -> bool:
+    """Clip metrics are computed for real weights and for tiny runs (cheap, they exercise the code); synthetic
+    weights are random, so their full-size clip's metrics would be meaningless numbers."""
+    return mode != "synthetic"
 
 
 # ---------------------------------------------------------------------------------------------------- configure

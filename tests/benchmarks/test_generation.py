@@ -10,7 +10,7 @@ from wan_pipeline.case import CaseRun
 from wan_pipeline.distributed import compare_with_single_gpu, is_primary_rank
 from wan_pipeline.metrics import compute_metrics
 from wan_pipeline.history import atomic_write_json
-from wan_pipeline.pytest_plugin import out_of_memory_isolation
+from wan_pipeline.pytest_plugin import clip_format, out_of_memory_isolation, quality_metrics_wanted
 from wan_pipeline.video import write_video
 
 
@@ -27,12 +27,13 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
         run.finish()
 
     last = run.rounds[-1]
-    metrics = compute_metrics(last.frames, prepared.image)
+    metrics = compute_metrics(last.frames, prepared.image) if quality_metrics_wanted(plan.mode) else None
     primary = is_primary_rank()  # with --wan-sp, rank 0 writes the outputs
-    video = wan_options.out / f"{wan_case.id}.{wan_options.video}"
-    if primary:
+    container = clip_format(wan_options.video, plan.mode)
+    video = wan_options.out / f"{wan_case.id}.{container}" if container else None
+    if primary and video:
         video = write_video(last.frames, video, plan.config.fps)
-    info = run.extra_info(load_seconds=load_seconds, metrics=metrics, video=str(video))
+    info = run.extra_info(load_seconds=load_seconds, metrics=metrics, video=str(video) if video else None)
     degree = plan.config.sequence_parallel
     matches = compare_with_single_gpu(wan_case.id, degree, last, wan_single_gpu_outputs)
     if matches:
@@ -58,8 +59,9 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
 
     quality = wan_budgets.quality_for(plan.config.name)
     if plan.mode != "real":
+        recorded = "recorded for reference only" if metrics else "not computed"
         wan_report.append(f"{wan_case.id}: quality thresholds not checked: {plan.mode} weights are random, the "
-                          f"video is noise (metrics recorded for reference only)")
+                          f"video is noise (metrics {recorded})")
     elif quality is not None:
         problems = quality.violations(metrics)
         assert not problems, f"{wan_case.id}: temporal quality out of bounds: {'; '.join(problems)}"
