@@ -89,3 +89,17 @@ def test_shipped_budgets_file_loads_and_has_the_users_budget():
     budgets = load_budgets(DEFAULT_BUDGETS)
     b = budgets.budget_for("NVIDIA GeForce RTX 4090 D", "seed-832x1216-49f", "real")
     assert b is not None and b.seconds == 85
+
+
+@pytest.mark.parametrize("preset, attention, compile_on, precision, seconds", [
+    ("seed-832x1216-49f", "cudnn-fp8", True, "fp8-scaled-mm", 25.5),  # H100-measured 22.15 s + 15 %
+    ("seed-832x1216-49f", "sdpa", True, "fp8-scaled-mm", 30.5),  # the cuDNN FP8 entry does not catch SDPA
+    ("seed-832x1216-49f-cfg7.0", "cudnn-fp8", True, "fp8-scaled-mm", 44.5),
+    ("seed-832x1216-81f", "cudnn-fp8", True, "fp8-scaled-mm", 53.7),
+    ("seed-832x1216-81f", "sdpa", True, "fp8-scaled-mm", 66.2),
+    ("seed-832x1216-81f", "sdpa", False, "fp8-scaled-mm", 78.3),
+])
+def test_shipped_h100_budgets_pick_the_entry_of_the_configuration(preset, attention, compile_on, precision, seconds):
+    budgets = load_budgets(DEFAULT_BUDGETS)
+    budget = budgets.budget_for("NVIDIA H100 80GB HBM3", preset, "synthetic", attention, compile_on, precision)
+    assert budget is not None and budget.seconds == seconds
