@@ -100,6 +100,8 @@ class CaseRun:
         plan, prepared = self.plan, self.prepared
         device = prepared.models.device
         peak_torch = max((max(g.peak_bytes.values(), default=0) for g in self.rounds), default=0)
+        stage_peaks = {name: max(g.peak_bytes.get(name, 0) for g in self.rounds)
+                       for name in STAGES if any(name in g.peak_bytes for g in self.rounds)}
         nvml_used = (self.gpu_after or {}).get("memory_used_bytes")
         throttled = self.throttle_reasons() if device.type == "cuda" else []
         if throttled:
@@ -122,7 +124,8 @@ class CaseRun:
             "forwards": plan.forwards,
             "scaled_from": list(plan.scaled_from) if plan.scaled_from else None,
             "stages": {k: round(v, 6) for k, v in stages.items()},
-            "peak_memory": {"torch_peak_bytes": peak_torch, "nvml_used_bytes": nvml_used},
+            "peak_memory": {"torch_peak_bytes": peak_torch, "nvml_used_bytes": nvml_used,
+                            "torch_peak_bytes_by_stage": stage_peaks},  # where the peak is: weights plus that stage
             "sequence_parallel": split,
             "attention_kernel": prepared.kernel.kernel,
             "attention": prepared.kernel.to_json(),
