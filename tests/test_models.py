@@ -175,3 +175,22 @@ def test_offloading_keeps_one_host_copy_and_moves_no_data_the_second_time(monkey
     encoder.weight.data = encoder.weight.data.clone()  # stands for the copy on the GPU
     residency._offload("text_encoder", encoder)
     assert encoder.weight.data_ptr() == first and torch.equal(encoder.weight, original)
+
+
+def test_random_text_encoders_stand_for_comfyuis_fp8_umt5_file_in_fp8_runs():
+    import copy
+
+    from wan_pipeline.models import TINY_UMT5, random_text_encoder
+    from wan_pipeline.precision import Fp8Linear, store_text_encoder_fp8
+
+    encoder = random_text_encoder(TINY_UMT5, torch.device("cpu"), torch.bfloat16, seed=5)
+    reference = copy.deepcopy(encoder)
+    notes = store_text_encoder_fp8(encoder, torch.bfloat16)
+    fp8 = [n for n, m in encoder.named_modules() if isinstance(m, Fp8Linear)]
+    assert len(fp8) == TINY_UMT5["num_layers"] * 6 and notes[0].startswith("text encoder: 12 block Linear layers")
+    assert not any(n.endswith(".wo") for n in fp8)  # UMT5 casts activations to wo's dtype: wo stays bf16
+    ids = torch.randint(2, 300, (1, 16))
+    with torch.no_grad():
+        want = reference(input_ids=ids).last_hidden_state.float().flatten()
+        got = encoder(input_ids=ids).last_hidden_state.float().flatten()
+    assert torch.nn.functional.cosine_similarity(want, got, dim=0) > 0.99

@@ -319,6 +319,10 @@ def load_model_set(key: ModelSetKey, *, device: torch.device | None = None, seed
 
     for name, expert in models.experts.items():
         models.notes += apply_precision(expert, key.precision, dtype, run_on=device)
+    if key.mode != "real" and key.precision in ("fp8-upcast", "fp8-scaled-mm"):
+        from .precision import store_text_encoder_fp8
+
+        models.notes += store_text_encoder_fp8(models.text_encoder, dtype)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     models.load_seconds = time.perf_counter() - start

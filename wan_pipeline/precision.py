@@ -124,3 +124,25 @@ def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
         torch.cuda.empty_cache()
     kind = "fp8 x fp8 torch._scaled_mm" if matmul else "fp8 storage upcast per layer"
     return [f"precision {precision}: {swapped} block Linear layers as {kind}"]
+
+
+def store_text_encoder_fp8(text_encoder: nn.Module, dtype: torch.dtype) -> list[str]:
+    """UMT5's block Linear layers in fp8 storage, upcast per layer: how ComfyUI runs umt5_xxl_fp8_e4m3fn_scaled, the
+    text encoder of the Wan 2.2 templates (for random weights, which stand for that file).
+
+    The feed-forward output projections (`wo`) stay in the compute dtype: transformers' UMT5 casts its hidden states
+    to `wo`'s weight dtype, which would push activations through fp8.
+    """
+    swapped = 0
+    for name, child in list(text_encoder.named_modules()):
+        if not isinstance(child, nn.Linear) or ".block." not in f".{name}" or name.endswith(".wo"):
+            continue
+        wq, scale = quantize_per_tensor(child.weight.data)
+        bias = None if child.bias is None else child.bias.data
+        parent_name, _, attr = name.rpartition(".")
+        setattr(text_encoder.get_submodule(parent_name), attr, Fp8Linear(wq, scale, bias, dtype, matmul=False))
+        swapped += 1
+    if swapped and next(text_encoder.parameters()).is_cuda:
+        torch.cuda.empty_cache()
+    return [f"text encoder: {swapped} block Linear layers in fp8 storage, upcast per layer (as ComfyUI runs "
+            f"umt5_xxl_fp8_e4m3fn_scaled)"]
