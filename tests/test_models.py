@@ -97,6 +97,21 @@ def test_image_conditioning_is_mask_then_normalised_latent(tiny):
     assert not torch.allclose(concat[:, 4:, 0], concat[:, 4:, -1])
 
 
+def test_the_vae_sees_comfyuis_video_start_frame_then_gray(tiny, monkeypatch):
+    cfg, models = tiny
+    plan = make_plan(cfg, "tiny")
+    image01 = conditioning.upscale_center(conditioning.test_card(plan.width, plan.height), plan.width, plan.height)
+    seen = []
+    encode = models.vae.encode
+    monkeypatch.setattr(models.vae, "encode", lambda x: seen.append(x.clone()) or encode(x))
+    conditioning.image_conditioning(models, image01, plan)
+    # WanImageToVideo: ones * 0.5 with the image as frame 0, then the VAE's [-1, 1] input, in float32
+    video = torch.full((plan.frames, plan.height, plan.width, 3), 0.5)
+    video[:1] = image01
+    want = (video.permute(3, 0, 1, 2).unsqueeze(0) * 2.0 - 1.0).to(seen[0].dtype)
+    assert torch.equal(seen[0], want)
+
+
 def test_text_encoding_is_zero_past_the_end_token(tiny):
     _, models = tiny
     hidden = conditioning.encode_text(models, "a cat")

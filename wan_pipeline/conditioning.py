@@ -69,11 +69,11 @@ def image_conditioning(models, image01: torch.Tensor, plan: Plan, vae_bands=None
     that is 1 on the first latent frame. Returns [B, 20, T_lat, H/8, W/8] float32. With `vae_bands`
     (vae_split.VaeBands) the VAE encodes bands of rows: one per sequence-parallel rank, or one after another."""
     frames, height, width = plan.frames, plan.height, plan.width
-    video = torch.full((frames, height, width, 3), 0.5, dtype=torch.float32)
-    video[:1] = image01
-    x = video.permute(3, 0, 1, 2).unsqueeze(0) * 2.0 - 1.0  # [1, 3, T, H, W] in [-1, 1]
     vae = models.vae
-    x = x.to(models.device, _vae_dtype(vae))
+    # [1, 3, T, H, W] in [-1, 1], built on the device: 0.5 gray is exactly 0 there, so only the start frame travels
+    # (a 600 MB float32 video built on the host cost 0.3 s a run, 1.5 s with two ranks building theirs at once)
+    x = torch.zeros((1, 3, frames, height, width), dtype=_vae_dtype(vae), device=models.device)
+    x[0, :, 0] = (image01.to(models.device).permute(2, 0, 1) * 2.0 - 1.0).to(x.dtype)
     encode = lambda pixels: vae.encode(pixels).latent_dist.mode()  # noqa: E731
     latent = (vae_bands.encode(encode, x) if vae_bands else encode(x)).float()
     latent = process_latent_in(latent)
