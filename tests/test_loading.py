@@ -164,6 +164,14 @@ def test_text_encoder_comfyui_file(tmp_path, fp8):
         with torch.no_grad():
             assert torch.equal(te(ids, attention_mask=mask).last_hidden_state,
                                src(ids, attention_mask=mask).last_hidden_state)
+    else:  # ComfyUI keeps an fp8 file in fp8: the file's own values and scales come back exactly
+        from wan_pipeline.precision import Fp8Linear, store_text_encoder_fp8
+
+        store_text_encoder_fp8(te, torch.float32, te.fp8_file_scales)
+        stored = {n: m for n, m in te.named_modules() if isinstance(m, Fp8Linear)}
+        assert stored and not any(n.endswith(".wo") for n in stored)
+        for name, module in stored.items():
+            assert torch.equal(module.weight.float() * module.weight_scale, expected[f"{name}.weight"]), name
 
 
 def test_text_encoder_without_tokenizer(tmp_path):

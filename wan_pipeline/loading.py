@@ -681,7 +681,8 @@ def infer_umt5_config(sd: dict, path: Path):
 
 def load_text_encoder(path_or_dir, *, device="cpu", dtype=torch.bfloat16):
     """(UMT5EncoderModel, UMT5Tokenizer) from ComfyUI's umt5 file (tokenizer inside, ``spiece_model``) or a diffusers
-    ``text_encoder/`` folder (tokenizer from the ``tokenizer/`` folder next to it). fp8 weights are dequantized.
+    ``text_encoder/`` folder (tokenizer from the ``tokenizer/`` folder next to it). fp8 weights are dequantized;
+    their file scales stay on the model (``fp8_file_scales``) so fp8 storage can be restored exactly.
     ``wo`` stays float32 when ``dtype`` is float16, as transformers keeps it (``_keep_in_fp32_modules``)."""
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -702,9 +703,11 @@ def load_text_encoder(path_or_dir, *, device="cpu", dtype=torch.bfloat16):
         config = infer_umt5_config(split.tensors, path)
     sd = split.tensors
     fp32 = tuple(getattr(UMT5EncoderModel, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else ()
+    file_scales = dict(split.scales)
     _finalize(sd, split.scales, compute_dtype=dtype, keep_fp8=False, fp32_modules=fp32)
     with torch.device(device), _parameters_on_meta():
         model = UMT5EncoderModel(config)
     model = _load_into(model, sd, path, device=device, dtype=dtype, fp32_modules=fp32,
                        tied={"encoder.embed_tokens.weight": "shared.weight", "shared.weight": "encoder.embed_tokens.weight"})
+    model.fp8_file_scales = file_scales  # precision.store_text_encoder_fp8 restores the file's fp8 storage with them
     return model, tokenizer

@@ -373,9 +373,14 @@ def _load_real(key: ModelSetKey, device: torch.device, dtype: torch.dtype, model
         model = loading.load_transformer(weights, device=park, dtype=dtype)
         experts[expert] = attach_fp8_scales(model, weights.fp8_scales, weights.input_scales, dtype)
     text_encoder, tokenizer = loading.load_text_encoder(files.text_encoder, device=device, dtype=dtype)
+    notes = [f"real: weights from {files.root} ({files.layout} layout)"]
+    if text_encoder.fp8_file_scales:  # an fp8 file stays in fp8, as ComfyUI keeps it
+        from .precision import store_text_encoder_fp8
+
+        notes += store_text_encoder_fp8(text_encoder, dtype, text_encoder.fp8_file_scales)
     vae = loading.load_vae(files.vae, device=device, dtype=dtype)
     return ModelSet(key=key, experts=experts, text_encoder=text_encoder, tokenizer=tokenizer, vae=vae,
-                    device=device, dtype=dtype, notes=[f"real: weights from {files.root} ({files.layout} layout)"])
+                    device=device, dtype=dtype, notes=notes)
 
 
 def expert_load_device(device: torch.device, device_bytes: int | None, file_bytes: list[int],

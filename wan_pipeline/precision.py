@@ -126,9 +126,11 @@ def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
     return [f"precision {precision}: {swapped} block Linear layers as {kind}"]
 
 
-def store_text_encoder_fp8(text_encoder: nn.Module, dtype: torch.dtype) -> list[str]:
+def store_text_encoder_fp8(text_encoder: nn.Module, dtype: torch.dtype,
+                           file_scales: dict[str, torch.Tensor] | None = None) -> list[str]:
     """UMT5's block Linear layers in fp8 storage, upcast per layer: how ComfyUI runs umt5_xxl_fp8_e4m3fn_scaled, the
-    text encoder of the Wan 2.2 templates (for random weights, which stand for that file).
+    text encoder of the Wan 2.2 templates. A weight loaded from an fp8 file goes back to its file values with its
+    file scale (dequantized then divided: the rounding is far below fp8's spacing); others are quantized per tensor.
 
     The feed-forward output projections (`wo`) stay in the compute dtype: transformers' UMT5 casts its hidden states
     to `wo`'s weight dtype, which would push activations through fp8.
@@ -137,7 +139,12 @@ def store_text_encoder_fp8(text_encoder: nn.Module, dtype: torch.dtype) -> list[
     for name, child in list(text_encoder.named_modules()):
         if not isinstance(child, nn.Linear) or ".block." not in f".{name}" or name.endswith(".wo"):
             continue
-        wq, scale = quantize_per_tensor(child.weight.data)
+        file_scale = (file_scales or {}).get(f"{name}.weight")
+        if file_scale is not None:
+            scale = file_scale.float().reshape(()).to(child.weight.device)
+            wq = (child.weight.data.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        else:
+            wq, scale = quantize_per_tensor(child.weight.data)
         bias = None if child.bias is None else child.bias.data
         parent_name, _, attr = name.rpartition(".")
         setattr(text_encoder.get_submodule(parent_name), attr, Fp8Linear(wq, scale, bias, dtype, matmul=False))
