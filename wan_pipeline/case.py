@@ -86,6 +86,11 @@ class CaseRun:
         return {n: statistics.median(g.seconds.get(n, 0.0) for g in self.rounds) for n in names}
 
     @property
+    def peak_bytes(self) -> int:
+        """The allocator's peak over every stage of every round (each stage resets the counter at its start)."""
+        return max((max(g.peak_bytes.values(), default=0) for g in self.rounds), default=0)
+
+    @property
     def median_seconds(self) -> float:
         return statistics.median(g.total_seconds for g in self.rounds)
 
@@ -99,7 +104,7 @@ class CaseRun:
 
         plan, prepared = self.plan, self.prepared
         device = prepared.models.device
-        peak_torch = max((max(g.peak_bytes.values(), default=0) for g in self.rounds), default=0)
+        peak_torch = self.peak_bytes
         stage_peaks = {name: max(g.peak_bytes.get(name, 0) for g in self.rounds)
                        for name in STAGES if any(name in g.peak_bytes for g in self.rounds)}
         nvml_used = (self.gpu_after or {}).get("memory_used_bytes")

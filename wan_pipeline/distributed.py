@@ -12,13 +12,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from .errors import WanBenchError
+from .processes import set_parent_death_signal, stop_group
 
 # Our attention names -> diffusers backends that implement context parallelism (Ulysses all-to-all).
 CP_BACKENDS = {"sdpa": "native", "sdpa-cudnn": "_native_cudnn", "sdpa-flash": "_native_flash"}
@@ -44,29 +44,37 @@ def scaling(single_seconds: float, parallel_seconds: float, degree: int) -> dict
     return {"speedup": round(speedup, 3), "efficiency": round(speedup / degree, 3)}
 
 
+def cp_backend(attention: str) -> str:
+    """The diffusers context-parallel backend for one of our attention names (Ulysses needs diffusers' own)."""
+    if attention not in CP_BACKENDS:
+        raise WanBenchError(f"sequence parallelism runs diffusers' context-parallel attention: choose --attention "
+                            f"from {sorted(CP_BACKENDS)}, not {attention!r}")
+    return CP_BACKENDS[attention]
+
+
 def worker_command(degree: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={degree}",
             "-m", "wan_pipeline.distributed", *args]
+
+
+def _start_group(command: list[str], **popen) -> subprocess.Popen:
+    """torchrun as the leader of its own session (so stop_group reaches every rank), ended with its parent."""
+    return subprocess.Popen(command, start_new_session=True,
+                            preexec_fn=set_parent_death_signal if sys.platform == "linux" else None, **popen)
 
 
 def launch(degree: int, args: list[str], log: Path, timeout: float = LAUNCH_TIMEOUT_S) -> None:
     """Run the ranks; on failure or timeout, end the whole process group and say which rank failed and why."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = subprocess.Popen(worker_command(degree, args), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = _start_group(worker_command(degree, args), stdout=out, stderr=subprocess.STDOUT)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
         finally:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                stop_group(proc)
     if rc != 0:
         lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
         failed = [l for l in lines if "Error" in l or "exitcode" in l or "rank" in l.lower()][-6:] or lines[-6:]
@@ -87,9 +95,7 @@ def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str
     heads = (TINY_TRANSFORMER if mode == "tiny" else A14B_TRANSFORMER)["num_attention_heads"]
     available = torch.cuda.device_count() if mode != "tiny" else max(degree, 1)
     check_degree(degree, heads, available)
-    if attention not in CP_BACKENDS:
-        raise WanBenchError(f"sequence parallelism runs diffusers' context-parallel attention: choose --attention "
-                            f"from {sorted(CP_BACKENDS)}, not {attention!r}")
+    cp_backend(attention)  # before any rank starts
     out = Path(out_dir)
     records = {}
     for n in sorted({1, degree}):
@@ -132,13 +138,11 @@ def enable_sequence_parallel(models, degree: int, attention: str):
         have = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         raise WanBenchError(f"sequence parallel degree {degree} needs {degree} ranks started by torchrun, this process "
                             f"has {have}: use `wan-bench run --gpus {degree}` or `pytest --wan-sp {degree}`")
-    if attention not in CP_BACKENDS:
-        raise WanBenchError(f"sequence parallelism runs diffusers' context-parallel attention: choose the attention "
-                            f"from {sorted(CP_BACKENDS)}, not {attention!r}")
+    backend = cp_backend(attention)
     from diffusers import ContextParallelConfig
 
     for expert in models.experts.values():
-        expert.set_attention_backend(CP_BACKENDS[attention])
+        expert.set_attention_backend(backend)
         if getattr(expert, "_wan_bench_ulysses", None) != degree:
             expert.enable_parallelism(config=ContextParallelConfig(ulysses_degree=degree))
             expert._wan_bench_ulysses = degree
@@ -146,17 +150,15 @@ def enable_sequence_parallel(models, degree: int, attention: str):
 
 
 def worker_main(argv: list[str] | None = None) -> int:
-    import statistics
-
     import numpy as np
     import torch
     import torch.distributed as dist
 
-    from .config import ModelSetKey
-    from .config import default_allocator_settings
-    from .models import load_model_set
+    from .case import CaseRun
+    from .config import ModelSetKey, default_allocator_settings
     from .history import atomic_write_json
-    from .pipeline import configure, generate
+    from .models import load_model_set
+    from .pipeline import configure
     from .plan import make_plan
     from .presets import get_preset
 
@@ -180,25 +182,20 @@ def worker_main(argv: list[str] | None = None) -> int:
         plan = make_plan(config, args.mode)
         models = load_model_set(ModelSetKey.for_run(plan.config, args.mode, None), device=device, seed=0,
                                 config=plan.config)
-        prepared = configure(models, plan)
-        generate(prepared, plan)  # warm-up
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        rounds = [generate(prepared, plan) for _ in range(args.rounds)]
-        peak = torch.cuda.max_memory_allocated(device) if cuda else 0
-        peaks = [None] * world
-        dist.all_gather_object(peaks, peak)
+        run = CaseRun(plan, configure(models, plan))
+        run.warm_up(1)
+        for _ in range(args.rounds):
+            run.generate_once()
+        peaks = gather_peaks(run.peak_bytes)
         if rank == 0:
             out = Path(args.out)
-            torch.save(rounds[-1].latent, out / f"{args.tag}.latent.pt")
-            np.save(out / f"{args.tag}.frames.npy", rounds[-1].frames[::FRAME_SAMPLE_STRIDE])
-            names = list(rounds[-1].seconds)
+            last = run.rounds[-1]
+            torch.save(last.latent, out / f"{args.tag}.latent.pt")
+            np.save(out / f"{args.tag}.frames.npy", last.frames[::FRAME_SAMPLE_STRIDE])
             atomic_write_json(out / f"{args.tag}.json", {
                 "preset": args.preset, "mode": args.mode, "world_size": world, "tokens": plan.tokens,
-                "round_seconds": [g.total_seconds for g in rounds],
-                "median_seconds": statistics.median(g.total_seconds for g in rounds),
-                "stages": {n: statistics.median(g.seconds[n] for g in rounds) for n in names},
-                "per_rank_peak_memory_bytes": peaks, "notes": prepared.notes,
+                "round_seconds": [g.total_seconds for g in run.rounds], "median_seconds": run.median_seconds,
+                "stages": run.stage_medians, "per_rank_peak_memory_bytes": peaks, "notes": run.prepared.notes,
                 "device": torch.cuda.get_device_name(device) if cuda else "cpu",
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })
@@ -247,17 +244,12 @@ def relaunch_pytest(config, degree: int) -> int:
     command = torchrun_pytest_command(degree, [str(a) for a in config.invocation_params.args], log_dir)
     print(f"wan-bench: --wan-sp {degree}: running this session as {degree} torchrun ranks (logs in {log_dir})",
           flush=True)
-    proc = subprocess.Popen(command, cwd=config.invocation_params.dir, start_new_session=True)
+    proc = _start_group(command, cwd=config.invocation_params.dir)
     try:
         return proc.wait()
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_group(proc)
 
 
 # pytest-benchmark's and pytest's result files: only rank 0 writes them.
@@ -300,15 +292,20 @@ def rank_device():
     return None
 
 
-def sequence_parallel_info(degree: int, peak_bytes: int) -> dict | None:
-    """extra_info of a split generation: the degree and every rank's peak memory (a collective: all ranks call it)."""
-    if degree <= 1:
-        return None
+def gather_peaks(peak_bytes: int) -> list[int]:
+    """Every rank's peak memory, in rank order (a collective: all ranks call it)."""
     import torch.distributed as dist
 
     peaks = [None] * dist.get_world_size()
     dist.all_gather_object(peaks, peak_bytes)
-    return {"degree": degree, "backend": "ulysses", "per_rank_peak_memory_bytes": peaks}
+    return peaks
+
+
+def sequence_parallel_info(degree: int, peak_bytes: int) -> dict | None:
+    """extra_info of a split generation: the degree and every rank's peak memory (a collective: all ranks call it)."""
+    if degree <= 1:
+        return None
+    return {"degree": degree, "backend": "ulysses", "per_rank_peak_memory_bytes": gather_peaks(peak_bytes)}
 
 
 def compare_with_single_gpu(case_id: str, degree: int, generation, store: dict) -> dict | None:

@@ -32,6 +32,8 @@ from typing import Sequence
 
 import pytest
 
+from .processes import kill_group, set_parent_death_signal, stop_group
+
 # ------------------------------------------------------------------------------------------------ devices
 
 
@@ -352,24 +354,6 @@ def log_section(path: Path, title: str = "wan-bench") -> list[str]:
     return out
 
 
-def _set_parent_death_signal() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the worker gets SIGTERM if the controller dies without cleaning up (killed with SIGKILL, say)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
-    """Signal a worker's whole process group (it leads its own session): nothing it started survives it."""
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 @dataclass
 class _Running:
     result: WorkerResult
@@ -490,7 +474,7 @@ class MatrixController:
                     proc = subprocess.Popen(self._worker_command(index, shard_file, json_path), env=env,
                                             cwd=self.config.invocation_params.dir, stdin=subprocess.DEVNULL,
                                             stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=_set_parent_death_signal if sys.platform == "linux" else None)
+                                            preexec_fn=set_parent_death_signal if sys.platform == "linux" else None)
                 result.status, result.pid = "running", proc.pid
                 running.append(_Running(result, proc, reports, json_path))
                 self._write(f"wan-bench worker {index} on {device.label} (CUDA_VISIBLE_DEVICES="
@@ -528,13 +512,7 @@ class MatrixController:
 
     def _stop(self, run: _Running, problem: str, status: str) -> None:
         """SIGINT first (pytest finishes the session and writes the JSON of the cases done), then SIGKILL."""
-        kill_group(run.proc.pid, signal.SIGINT)
-        try:
-            run.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            kill_group(run.proc.pid, signal.SIGKILL)
-            run.proc.wait()
-        kill_group(run.proc.pid)
+        stop_group(run.proc, signal.SIGINT)
         run.result.status, run.result.problem = status, problem
 
     def _forward_reports(self, run: _Running) -> None:
