@@ -12,7 +12,8 @@ import warnings
 from dataclasses import dataclass, field
 
 from .config import RunConfig, config_to_dict
-from .pipeline import STAGES, Generation, Prepared, generate
+from .config import ordered_stages
+from .pipeline import Generation, Prepared, generate
 from .plan import Plan
 
 
@@ -81,8 +82,7 @@ class CaseRun:
 
     @property
     def stage_medians(self) -> dict[str, float]:
-        names = [s for s in STAGES if any(s in g.seconds for g in self.rounds)]
-        names += sorted({k for g in self.rounds for k in g.seconds} - set(names))
+        names = ordered_stages(*(g.seconds for g in self.rounds))
         return {n: statistics.median(g.seconds.get(n, 0.0) for g in self.rounds) for n in names}
 
     @property
@@ -106,7 +106,7 @@ class CaseRun:
         device = prepared.models.device
         peak_torch = self.peak_bytes
         stage_peaks = {name: max(g.peak_bytes.get(name, 0) for g in self.rounds)
-                       for name in STAGES if any(name in g.peak_bytes for g in self.rounds)}
+                       for name in ordered_stages(*(g.peak_bytes for g in self.rounds))}
         nvml_used = (self.gpu_after or {}).get("memory_used_bytes")
         throttled = self.throttle_reasons() if device.type == "cuda" else []
         if throttled:

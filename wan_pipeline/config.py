@@ -19,6 +19,16 @@ SAMPLERS = ("euler",)
 SCHEDULERS = ("simple",)
 MODES = ("tiny", "synthetic", "real")
 PRECISIONS = ("auto", "bf16", "fp16", "fp8-upcast", "fp8-scaled-mm")
+# The timed stages of one generation, in pipeline order (result records and reports use these names).
+STAGES = ("text_encode", "image_encode", "pass1", "switch", "pass2", "decode")
+
+
+def ordered_stages(*stage_dicts: dict) -> list[str]:
+    """The stage names present in any of `stage_dicts`: pipeline order first, then any others sorted."""
+    present = set().union(*stage_dicts)
+    return [s for s in STAGES if s in present] + sorted(present - set(STAGES))
+
+
 RESIDENCIES = ("auto", "resident", "offload-text-encoder", "offload-idle-expert")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "sage", "flash-attn",
                       "cudnn-fp8")

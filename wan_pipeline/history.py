@@ -36,12 +36,12 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .config import ordered_stages
 from .errors import WanBenchError
 from .telemetry import gpu_slug
 
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_ALPHA = 0.01
-STAGES = ("text_encode", "image_encode", "pass1", "switch", "pass2", "decode")
 
 # machine_info keys whose change says nothing about the setup (they move from one read to the next).
 _VOLATILE_MACHINE_KEYS = re.compile(
@@ -524,7 +524,7 @@ def verdict_for(base: dict, cur: dict, threshold: float = DEFAULT_THRESHOLD,
     # Where the time moved.
     bstages = (base.get("extra_info") or {}).get("stages") or {}
     cstages = (cur.get("extra_info") or {}).get("stages") or {}
-    v.stages = [StageDelta(s, float(bstages[s]), float(cstages[s])) for s in _ordered_stages(bstages, cstages)
+    v.stages = [StageDelta(s, float(bstages[s]), float(cstages[s])) for s in ordered_stages(bstages, cstages)
                 if _is_number(bstages.get(s)) and _is_number(cstages.get(s))]
     if any(d.delta != 0 for d in v.stages):
         sign = 1.0 if cmed >= bmed else -1.0
@@ -536,12 +536,6 @@ def verdict_for(base: dict, cur: dict, threshold: float = DEFAULT_THRESHOLD,
     v.memory = {k: (bmem.get(k), cmem.get(k)) for k in sorted(set(bmem) | set(cmem))}
     v.throttling = {"baseline": _bench_throttling(base), "current": _bench_throttling(cur)}
     return v
-
-
-def _ordered_stages(a: dict, b: dict) -> list[str]:
-    names = [s for s in STAGES if s in a or s in b]
-    names += sorted(s for s in set(a) | set(b) if s not in STAGES)
-    return names
 
 
 @dataclass

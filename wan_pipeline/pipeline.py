@@ -23,9 +23,6 @@ from .models import ModelSet, Residency, load_model_set, resolve_run_precision, 
 from .plan import Plan, make_plan
 from .sampler import flow_denoiser, run_pass
 
-STAGES = ("text_encode", "image_encode", "pass1", "switch", "pass2", "decode")
-
-
 class StageTimer:
     """Seconds and peak allocator bytes per stage; synchronises the device at each boundary."""
 

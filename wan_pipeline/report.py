@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import WanBenchError
-from .history import (DEFAULT_ALPHA, DEFAULT_THRESHOLD, STAGES, HistoryError, Run, Series, compare, load_history,
+from .config import ordered_stages
+from .history import (DEFAULT_ALPHA, DEFAULT_THRESHOLD, HistoryError, Run, Series, compare, load_history,
                       trend, atomic_write_bytes)
 
 
@@ -73,8 +74,7 @@ def plot_stages(run: Run) -> bytes | None:
     rows = [(n, s) for n, s in rows if s]
     if not rows:
         return None
-    names = [s for s in STAGES if any(s in st for _, st in rows)]
-    names += sorted({k for _, st in rows for k in st} - set(names))
+    names = ordered_stages(*(st for _, st in rows))
     fig = _figure(8.0, 0.6 + 0.45 * len(rows))
     ax = fig.add_subplot()
     left = [0.0] * len(rows)
