@@ -33,13 +33,13 @@ def _stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def process_latent_in(latent: torch.Tensor) -> torch.Tensor:
     """VAE latent -> model space: (latent - mean) / std."""
     mean, std = _stats(latent)
-    return (latent - mean) * 1.0 / std
+    return (latent - mean) / std  # ComfyUI multiplies by the latent format's scale_factor, 1.0 for Wan
 
 
 def process_latent_out(latent: torch.Tensor) -> torch.Tensor:
     """Model space -> VAE latent: latent * std + mean."""
     mean, std = _stats(latent)
-    return latent * std / 1.0 + mean
+    return latent * std + mean
 
 
 def comfy_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -89,10 +89,12 @@ def flow_denoiser(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], to
     if not skip_uncond and negative is None:
         raise ValueError("cfg != 1.0 needs the negative prompt's conditioning")
 
+    concat = concat.to(dtype)  # constant over the pass: cast once, not at every forward
+
     def denoise(x: torch.Tensor, sigma: float) -> torch.Tensor:
         sigma_t = torch.full((x.shape[0],), sigma, dtype=torch.float32, device=x.device)
         timestep = sigma_t * 1000.0
-        inp = torch.cat([x, concat.to(x.dtype)], dim=1).to(dtype)
+        inp = torch.cat([x.to(dtype), concat], dim=1)
         sigma_b = sigma_t.reshape((-1,) + (1,) * (x.ndim - 1))
         cond = x - model(inp, timestep, positive).float() * sigma_b
         if skip_uncond:
