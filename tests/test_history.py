@@ -188,13 +188,41 @@ def test_compare_reports_driver_kernel_and_throttling(tmp_path):
     rng = np.random.default_rng(2)
     a = write(tmp_path / "a.json", session([bench("seed", rounds(rng))], 1))
     hot = bench("seed", rounds(rng, factor=1.2), throttled=True, gpu={"throttle_reasons": ["sw_thermal_slowdown"]})
-    b = write(tmp_path / "b.json", session([hot], 2, env={"nvidia_driver": "590.10"}, release="6.19.0"))
+    b = write(tmp_path / "b.json", session([hot], 2, env={"nvidia_driver": "590.10", "kernel": "6.19.0"},
+                                           release="6.19.0"))
     result = history.compare(a, b)
     causes = result.likely_causes(result.regressions[0])
     assert "env:nvidia_driver: 580.159.04 -> 590.10" in causes
-    assert "machine:release: 6.18.44 -> 6.19.0" in causes
+    assert "env:kernel: 6.18.44 -> 6.19.0" in causes
+    assert not any(c.startswith("machine:release") for c in causes)  # the fingerprint says it once
     assert "GPU throttled in the current run: sw_thermal_slowdown" in causes
     assert not any("temperature" in f for f in result.changed_fields())  # a condition, not a setup change
+
+
+def test_machine_info_speaks_for_runs_without_a_fingerprint(tmp_path):
+    rng = np.random.default_rng(3)
+    a = session([bench("seed", rounds(rng))], 1, wan_env=None)
+    b = session([bench("seed", rounds(rng))], 2, wan_env=None, release="6.19.0")
+    result = history.compare(write(tmp_path / "a.json", a), write(tmp_path / "b.json", b))
+    assert [c.field for c in result.machine_changes] == ["machine:release"]
+
+
+def test_measurements_in_extra_info_are_not_settings(tmp_path):
+    KEY = "tests/benchmarks/test_wan.py::test_pipeline[seed]"
+    rng = np.random.default_rng(4)
+    measured = {"cosine_vs_bf16_sdpa": 0.9998, "compile": {"enabled": True, "recompiled_during_rounds": False},
+                "sequence_parallel": {"degree": 2, "backend": "ulysses", "speedup": 1.8, "efficiency": 0.9,
+                                      "per_rank_peak_memory_bytes": [1, 2]}}
+    moved = {"cosine_vs_bf16_sdpa": 0.9991, "compile": {"enabled": True, "recompiled_during_rounds": True},
+             "sequence_parallel": {"degree": 2, "backend": "ulysses", "speedup": 1.7, "efficiency": 0.85,
+                                   "per_rank_peak_memory_bytes": [3, 4]}}
+    a = write(tmp_path / "a.json", session([bench("seed", rounds(rng), **measured)], 1))
+    b = write(tmp_path / "b.json", session([bench("seed", rounds(rng), **moved)], 2))
+    assert history.run_changes(history.load_run(a), history.load_run(b), KEY) == []
+    degree4 = dict(moved, sequence_parallel={"degree": 4, "backend": "ulysses"})
+    c = write(tmp_path / "c.json", session([bench("seed", rounds(rng), **degree4)], 3))
+    assert [ch.field for ch in history.run_changes(history.load_run(a), history.load_run(c), KEY)] \
+        == ["extra_info.sequence_parallel.degree"]
 
 
 def test_different_gpu_models_are_refused_unless_forced(tmp_path, capsys):

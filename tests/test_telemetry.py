@@ -113,12 +113,14 @@ def test_fingerprint_names_speed_variables_and_versions(monkeypatch, fake_nvml):
     monkeypatch.setenv("TORCH_COMPILE", "1")
     monkeypatch.setenv("TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "1")
     monkeypatch.setenv("WAN_API_TOKEN", "secret")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # a speed variable, not a secret
     monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
     fp = telemetry.environment_fingerprint()
     assert fp["env.TORCH_COMPILE"] == "1"
     assert fp["env.TORCHINDUCTOR_COORDINATE_DESCENT_TUNING"] == "1"
     assert "env.NVIDIA_TF32_OVERRIDE" in fp and fp["env.NVIDIA_TF32_OVERRIDE"] is None
-    assert not any("TOKEN" in k for k in fp)
+    assert [k for k in fp if "TOKEN" in k] == ["env.TOKENIZERS_PARALLELISM"]
+    assert fp["env.TOKENIZERS_PARALLELISM"] == "false"
     assert fp["version.pytest-benchmark"] is not None and fp["version.numpy"] is not None
     assert fp["nvidia_driver"] == "580.159.04" and fp["cuda_driver"] == "13.0"
     assert fp["kernel"] and fp["python"]

@@ -48,11 +48,15 @@ _VOLATILE_MACHINE_KEYS = re.compile(
     r"^(cpu\.hz_actual.*|gpu\.(memory_used_bytes|sm_clock_mhz|mem_clock_mhz|temperature_c|power_w|pstate|"
     r"clock_event_mask|clock_event_reasons|violation_ns.*)|wan_env(\..*)?)$"
 )
+# machine_info keys the environment fingerprint records too (kernel, python, system, driver): left to the fingerprint,
+# so that one upgrade is one line, not two.
+_FINGERPRINTED_MACHINE_KEYS = re.compile(r"^(release|python_version|python_implementation|system|machine|gpu\.driver)$")
 # extra_info keys that are measurements, not settings.
 _MEASURED_EXTRA_KEYS = re.compile(
     r"^(stages|peak_memory|gpu|throttled|env|metrics|metrics_meaningful|video|notes|load_seconds|effective_tflops"
     r"|stock_diffusers_seconds|speedup_vs_stock_diffusers|attention\.auto_timings|compile\.compile_seconds"
-    r"|compile\.warmup_seconds|compile\.graphs_compiled_in_warmup|compile\.recompiles)(\..*)?$"
+    r"|compile\.warmup_seconds|compile\.graphs_compiled_in_warmup|compile\.recompiles|compile\.recompiled_during_rounds"
+    r"|cosine_vs_bf16_sdpa|median_s|sequence_parallel\.(?!degree$|backend$)[^.]+)(\..*)?$"
 )
 
 
@@ -685,19 +689,29 @@ def compare(baseline: Run | str | Path, current: Run | str | Path, threshold: fl
         a, c = (base.gpu or {}).get(key), (cur.gpu or {}).get(key)
         if a is not None or c is not None:
             conditions[f"gpu.{key}"] = (a, c)
+    env_changes, machine_changes = setup_changes(base, cur)
     return Comparison(
         baseline=base, current=cur, threshold=threshold, alpha=alpha, forced=force, benchmarks=verdicts,
         only_baseline=[k for k in bb if k not in cb], only_current=[k for k in cb if k not in bb],
-        env_changes=diff_fields(base.env, cur.env, prefix="env:"),
-        machine_changes=diff_fields(base.machine_info, cur.machine_info, _VOLATILE_MACHINE_KEYS, prefix="machine:"),
+        env_changes=env_changes, machine_changes=machine_changes,
         conditions=conditions, warnings=warnings,
     )
 
 
+def setup_changes(before: Run, after: Run) -> tuple[list[Change], list[Change]]:
+    """(fingerprint changes, machine_info changes) between two runs; a machine_info key the fingerprint of both runs
+    already records is left to the fingerprint."""
+    env = diff_fields(before.env, after.env, prefix="env:")
+    machine = diff_fields(before.machine_info, after.machine_info, _VOLATILE_MACHINE_KEYS, prefix="machine:")
+    if before.env and after.env:
+        machine = [c for c in machine if not _FINGERPRINTED_MACHINE_KEYS.match(c.field[len("machine:"):])]
+    return env, machine
+
+
 def run_changes(before: Run, after: Run, benchmark: str | None = None) -> list[Change]:
     """Everything recorded that differs between two runs: fingerprint, machine info, the benchmark's settings."""
-    changes = diff_fields(before.env, after.env, prefix="env:")
-    changes += diff_fields(before.machine_info, after.machine_info, _VOLATILE_MACHINE_KEYS, prefix="machine:")
+    env, machine = setup_changes(before, after)
+    changes = env + machine
     if benchmark is not None:
         b, a = before.benchmarks.get(benchmark), after.benchmarks.get(benchmark)
         if b is not None and a is not None:

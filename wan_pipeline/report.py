@@ -142,24 +142,11 @@ def plot_metrics(runs: list[Run]) -> bytes | None:
 
 def read_frames(path: Path, count: int = 8) -> list:
     """Up to `count` evenly spaced RGB frames (numpy arrays) of a video or animated image; [] when unreadable."""
-    import numpy as np
+    from .video import VideoReadError, read_frames as read_video
 
-    frames: list = []
     try:
-        from PIL import Image, ImageSequence
-
-        with Image.open(path) as im:
-            frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
-    except Exception:
-        frames = []
-    if len(frames) <= 1:
-        try:
-            import imageio.v3 as iio
-
-            frames = [np.asarray(f) for f in iio.imiter(path)]
-        except Exception:
-            pass
-    if not frames:
+        frames = read_video(path)
+    except (VideoReadError, OSError, ValueError):
         return []
     idx = sorted({round(i * (len(frames) - 1) / max(1, count - 1)) for i in range(min(count, len(frames)))})
     return [frames[i] for i in idx]

@@ -103,9 +103,6 @@ def _speed_env(environ: dict[str, str] | None = None) -> dict[str, str | None]:
     for name, value in environ.items():
         if name.startswith(SPEED_ENV_PREFIXES) and not _SECRET.search(name):
             out[f"env.{name}"] = value
-    for name in list(out):
-        if _SECRET.search(name[4:]):
-            del out[name]
     return dict(sorted(out.items()))
 
 
@@ -183,16 +180,6 @@ def _try(fn, *args):
         return _text(fn(*args))
     except Exception:
         return None
-
-
-def nvidia_driver_version() -> str | None:
-    nvml = _nvml()
-    if nvml is None:
-        return None
-    try:
-        return _try(nvml.nvmlSystemGetDriverVersion)
-    finally:
-        _nvml_shutdown(nvml)
 
 
 def environment_fingerprint(environ: dict[str, str] | None = None) -> dict[str, str | None]:
@@ -332,6 +319,6 @@ def gpu_slug(name_or_snapshot: Any) -> str:
 
 __all__ = [
     "CLOCK_EVENT_REASONS", "PACKAGES", "SPEED_ENV_PREFIXES", "SPEED_ENV_VARS", "THROTTLE_REASONS",
-    "decode_clock_event_reasons", "environment_fingerprint", "gpu_slug", "gpu_snapshot", "nvidia_driver_version",
+    "decode_clock_event_reasons", "environment_fingerprint", "gpu_slug", "gpu_snapshot",
     "throttle_reasons_between",
 ]
