@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .errors import WanBenchError
-from .processes import set_parent_death_signal, stop_group
+from .processes import start_group, stop_group
 
 # Our attention names -> diffusers backends that implement context parallelism (Ulysses all-to-all).
 CP_BACKENDS = {"sdpa": "native", "sdpa-cudnn": "_native_cudnn", "sdpa-flash": "_native_flash"}
@@ -57,24 +57,17 @@ def worker_command(degree: int, args: list[str]) -> list[str]:
             "-m", "wan_pipeline.distributed", *args]
 
 
-def _start_group(command: list[str], **popen) -> subprocess.Popen:
-    """torchrun as the leader of its own session (so stop_group reaches every rank), ended with its parent."""
-    return subprocess.Popen(command, start_new_session=True,
-                            preexec_fn=set_parent_death_signal if sys.platform == "linux" else None, **popen)
-
-
 def launch(degree: int, args: list[str], log: Path, timeout: float = LAUNCH_TIMEOUT_S) -> None:
     """Run the ranks; on failure or timeout, end the whole process group and say which rank failed and why."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        proc = _start_group(worker_command(degree, args), stdout=out, stderr=subprocess.STDOUT)
+        proc = start_group(worker_command(degree, args), stdout=out, stderr=subprocess.STDOUT)
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
         finally:
-            if proc.poll() is None:
-                stop_group(proc)
+            stop_group(proc)  # also whatever a finished torchrun left behind
     if rc != 0:
         lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
         failed = [l for l in lines if "Error" in l or "exitcode" in l or "rank" in l.lower()][-6:] or lines[-6:]
@@ -244,12 +237,11 @@ def relaunch_pytest(config, degree: int) -> int:
     command = torchrun_pytest_command(degree, [str(a) for a in config.invocation_params.args], log_dir)
     print(f"wan-bench: --wan-sp {degree}: running this session as {degree} torchrun ranks (logs in {log_dir})",
           flush=True)
-    proc = _start_group(command, cwd=config.invocation_params.dir)
+    proc = start_group(command, cwd=config.invocation_params.dir)
     try:
         return proc.wait()
     finally:
-        if proc.poll() is None:
-            stop_group(proc)
+        stop_group(proc)  # also whatever a finished torchrun left behind
 
 
 # pytest-benchmark's and pytest's result files: only rank 0 writes them.

@@ -32,7 +32,7 @@ from typing import Sequence
 
 import pytest
 
-from .processes import kill_group, set_parent_death_signal, stop_group
+from .processes import kill_group, start_group, stop_group
 
 # ------------------------------------------------------------------------------------------------ devices
 
@@ -471,10 +471,9 @@ class MatrixController:
                 env = self._worker_env(device)
                 result = WorkerResult(index, device, env["CUDA_VISIBLE_DEVICES"], list(nodeids), log)
                 with open(log, "wb") as fh:
-                    proc = subprocess.Popen(self._worker_command(index, shard_file, json_path), env=env,
-                                            cwd=self.config.invocation_params.dir, stdin=subprocess.DEVNULL,
-                                            stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=set_parent_death_signal if sys.platform == "linux" else None)
+                    proc = start_group(self._worker_command(index, shard_file, json_path), env=env,
+                                       cwd=self.config.invocation_params.dir, stdin=subprocess.DEVNULL,
+                                       stdout=fh, stderr=subprocess.STDOUT)
                 result.status, result.pid = "running", proc.pid
                 running.append(_Running(result, proc, reports, json_path))
                 self._write(f"wan-bench worker {index} on {device.label} (CUDA_VISIBLE_DEVICES="

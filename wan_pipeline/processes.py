@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 
 def set_parent_death_signal() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -16,6 +17,12 @@ def set_parent_death_signal() -> None:  # pragma: no cover - runs in the child b
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
         pass
+
+
+def start_group(command: list[str], **popen) -> subprocess.Popen:
+    """`command` as the leader of a new session (so kill_group reaches all it starts), ended with its parent."""
+    return subprocess.Popen(command, start_new_session=True,
+                            preexec_fn=set_parent_death_signal if sys.platform == "linux" else None, **popen)
 
 
 def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
