@@ -35,7 +35,9 @@ from typing import Any
 
 import torch
 
-FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+from .precision import FP8_MAX
+
+FP8_E4M3_MAX = FP8_MAX  # largest finite float8_e4m3fn value
 SOFTMAX_SCALE = FP8_E4M3_MAX  # P = softmax(S) lies in [0, 1]: 1 maps to the top of the E4M3 range
 O_HEADROOM = 2.0  # scale_o = scale_v / O_HEADROOM, since |O| <= amax(V)
 _AMAX_FLOOR = 1e-12  # an all-zero tensor gets a finite scale instead of 448 / 0

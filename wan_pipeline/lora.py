@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import WanBenchError
+from .precision import quantize_fp8
 
-FP8_MAX = 448.0
 
 # suffix -> role; longest suffixes first so ".lora_up.weight" wins over ".weight"-less forms.
 _SUFFIXES = (
@@ -59,11 +59,6 @@ class LoraReport:
 
     patched: list[str] = field(default_factory=list)
     ignored_keys: list[str] = field(default_factory=list)
-
-
-def quantize_fp8(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``value / scale`` rounded to nearest float8_e4m3fn, saturating at +-448."""
-    return (value.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
 def lora_key_map(model_keys) -> dict[str, str]:

@@ -14,14 +14,19 @@ from torch import nn
 from .errors import WanBenchError
 
 FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def quantize_fp8(value: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``value / scale`` rounded to nearest float8_e4m3fn, saturating at +-448 (what ComfyUI stores)."""
+    return (value.float() / scale.float()).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
 def quantize_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight_fp8, scale) with weight ~= weight_fp8.float() * scale, scale = amax / 448."""
     amax = weight.detach().abs().amax().float().clamp(min=1e-12)
     scale = (amax / FP8_MAX).reshape(())
-    return (weight.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    return quantize_fp8(weight, scale), scale
 
 
 class Fp8Linear(nn.Module):
@@ -142,7 +147,7 @@ def store_text_encoder_fp8(text_encoder: nn.Module, dtype: torch.dtype,
         file_scale = (file_scales or {}).get(f"{name}.weight")
         if file_scale is not None:
             scale = file_scale.float().reshape(()).to(child.weight.device)
-            wq = (child.weight.data.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            wq = quantize_fp8(child.weight.data, scale)
         else:
             wq, scale = quantize_per_tensor(child.weight.data)
         bias = None if child.bias is None else child.bias.data
