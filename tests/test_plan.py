@@ -138,3 +138,27 @@ def test_case_ids_name_every_setting_that_is_not_the_default():
     changed = base.replace(attention="cudnn-fp8", compile=True, residency="offload-text-encoder", vae_bands=2)
     assert WanCase(changed, "synthetic").id == ("seed-832x1216-49f-cudnn-fp8-fp8-scaled-mm-compile1"
                                                 "-offload-text-encoder-vae2bands")
+
+
+def test_torch_compile_is_read_one_way_everywhere():
+    from wan_pipeline.config import compile_values
+
+    assert compile_values(None) == (False,) and compile_values(" On ") == (True,) and compile_values("0") == (False,)
+    assert compile_values("both") == (False, True)
+    with pytest.raises(ConfigError, match="TORCH_COMPILE must be 0, 1 or both, got 'yse'"):
+        compile_values("yse")
+
+
+@pytest.mark.parametrize("value, message", [
+    ("yse", "TORCH_COMPILE must be 0, 1 or both, got 'yse'"),  # was silently "off" in the CLI
+    ("both", "TORCH_COMPILE=both crosses the suite's matrix; one run takes 0 or 1"),
+])
+def test_the_cli_refuses_a_torch_compile_it_cannot_honour(value, message):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "wan_pipeline", "plan"], capture_output=True, text=True,
+                          env={**os.environ, "TORCH_COMPILE": value}, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 
-from .config import ATTENTION_BACKENDS, MODES, PRECISIONS, RESIDENCIES, RunConfig
+from .config import ATTENTION_BACKENDS, MODES, PRECISIONS, RESIDENCIES, RunConfig, compile_values
 from .errors import WanBenchError
 from .plan import Plan, make_plan
 from .presets import PRESETS, get_preset
@@ -46,7 +46,10 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
         overrides["precision"] = args.precision
     compile_flag = args.compile
     if compile_flag is None and os.environ.get("TORCH_COMPILE") is not None:
-        compile_flag = os.environ["TORCH_COMPILE"].strip().lower() in ("1", "true", "yes", "on")
+        values = compile_values(os.environ["TORCH_COMPILE"])  # a typo is an error here too, never a silent "off"
+        if len(values) != 1:
+            raise WanBenchError("TORCH_COMPILE=both crosses the suite's matrix; one run takes 0 or 1")
+        compile_flag = values[0]
     if compile_flag is not None:
         overrides["compile"] = compile_flag
     if args.seed is not None:

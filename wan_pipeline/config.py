@@ -153,6 +153,18 @@ class RunConfig:
         return self
 
 
+def compile_values(value: str | None) -> tuple[bool, ...]:
+    """TORCH_COMPILE as users set it (or --wan-compile): 0/1 and their spellings, or `both` (the suite's matrix)."""
+    v = (value or "0").strip().lower()
+    if v == "both":
+        return (False, True)
+    if v in ("1", "true", "yes", "on"):
+        return (True,)
+    if v in ("0", "false", "no", "off", ""):
+        return (False,)
+    raise ConfigError(f"--wan-compile / TORCH_COMPILE must be 0, 1 or both, got {value!r}")
+
+
 def snap_geometry(width: int, height: int, length: int) -> tuple[int, int, int]:
     """ComfyUI's rule: width/height in steps of 16 (rounded down), length of the form 4k+1 (rounded down)."""
     return (width // 16) * 16, (height // 16) * 16, ((length - 1) // 4) * 4 + 1

@@ -85,14 +85,12 @@ class WanOptions:
 
 
 def _compile_values(value: str | None) -> tuple[bool, ...]:
-    v = (value or "0").strip().lower()
-    if v == "both":
-        return (False, True)
-    if v in ("1", "true", "yes", "on"):
-        return (True,)
-    if v in ("0", "false", "no", "off", ""):
-        return (False,)
-    raise pytest.UsageError(f"--wan-compile / TORCH_COMPILE must be 0, 1 or both, got {value!r}")
+    from .config import ConfigError, compile_values
+
+    try:
+        return compile_values(value)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
 
 
 def _int_option(config, option: str, default: int, minimum: int) -> int:
