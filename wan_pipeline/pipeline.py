@@ -20,7 +20,7 @@ from . import attention, conditioning
 from .config import ModelSetKey, RunConfig, config_to_dict
 from .history import atomic_write_json
 from .models import ModelSet, Residency, load_model_set, resolve_run_precision, working_memory_estimate
-from .plan import Plan, make_plan
+from .plan import Plan, make_plan, uses_cfg
 from .sampler import flow_denoiser, run_pass
 
 class StageTimer:
@@ -127,7 +127,7 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
     models, residency = prepared.models, prepared.residency
     timer = StageTimer(models.device)
     config = plan.config
-    needs_negative = any(p.forwards > p.steps_run for p in plan.passes)
+    needs_negative = any(uses_cfg(p.config.cfg) and p.steps_run for p in plan.passes)
 
     with timer.stage("text_encode"):
         residency.need("text_encoder")

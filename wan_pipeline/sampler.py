@@ -7,12 +7,11 @@ inverse noise scaling at the end. `denoiser` is ComfyUI's model wrapper for a fl
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
-from .plan import PassPlan
+from .plan import PassPlan, uses_cfg
 
 # Wan 2.1 latent normalisation (ComfyUI latent_formats.Wan21; the same numbers as AutoencoderKLWan's config).
 WAN21_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -85,7 +84,7 @@ def flow_denoiser(model: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], to
                   cfg: float, dtype: torch.dtype) -> Denoiser:
     """ComfyUI's wrapper of a flow model: input cat(x, concat) in the model dtype, timestep sigma*1000,
     denoised = x - out*sigma in float32; CFG on the denoised values, the negative prompt skipped at cfg 1.0."""
-    skip_uncond = math.isclose(cfg, 1.0)
+    skip_uncond = not uses_cfg(cfg)
     if not skip_uncond and negative is None:
         raise ValueError("cfg != 1.0 needs the negative prompt's conditioning")
 
