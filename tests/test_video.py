@@ -204,6 +204,16 @@ def test_write_replaces_existing_file(tmp_path):
     assert read_frames(target).shape[0] == 2
 
 
+def test_clips_get_the_same_permissions_as_the_json_records_beside_them(tmp_path):
+    from wan_pipeline.history import atomic_write_json
+
+    clip = write_video(_moving_clip(t=2), tmp_path / "clip.webp", fps=8)
+    record = atomic_write_json(tmp_path / "clip.json", {})
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert clip.stat().st_mode & 0o777 == record.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
 @pytest.mark.parametrize(
     "frames, name, message",
     [

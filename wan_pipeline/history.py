@@ -22,6 +22,7 @@ The exact test can reach p < alpha only when 1 / C(m + n, m) < alpha: for alpha 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import json
@@ -849,24 +850,27 @@ def trend(history: History | str | Path, threshold: float = DEFAULT_THRESHOLD, b
 
 # -------------------------------------------------------------------------------------------------- writing
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-def atomic_write_bytes(path: Path | str, data: bytes, overwrite: bool = True) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder, so no reader ever sees half a file.
-    With overwrite=False an existing file is never replaced (FileExistsError instead)."""
+_UMASK = _read_umask()  # read once: setting the umask to read it is process-wide, racy with writer threads
+
+
+@contextlib.contextmanager
+def atomic_target(path: Path | str, overwrite: bool = True, suffix: str = ".tmp"):
+    """A temporary file beside `path` to write into; when the block ends well it becomes `path` with the umask's
+    permissions (replacing it, or with overwrite=False never clobbering an existing file: FileExistsError), so no
+    reader ever sees half a file; when it fails the temporary file goes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         if overwrite:
             os.replace(tmp, path)
         else:
@@ -878,7 +882,16 @@ def atomic_write_bytes(path: Path | str, data: bytes, overwrite: bool = True) ->
         except OSError:
             pass
         raise
-    return path
+
+
+def atomic_write_bytes(path: Path | str, data: bytes, overwrite: bool = True) -> Path:
+    """Write `data` to `path` atomically (see atomic_target)."""
+    with atomic_target(path, overwrite) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
 
 
 def atomic_write_json(path: Path | str, obj: Any, overwrite: bool = True) -> Path:

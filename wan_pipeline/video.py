@@ -14,7 +14,6 @@ Every bad file raises `VideoReadError` (or `VideoWriteError`), a `WanBenchError`
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -208,18 +207,15 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: float) -> Path
         writer = _write_webp
     else:
         raise VideoWriteError(f"{path}: unsupported video suffix {path.suffix!r} (use .mp4 or .webp)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    from .history import atomic_target
+
     try:
-        writer(frames, tmp, fps)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, (OSError, RuntimeError)) and not isinstance(exc, WanBenchError):
-            raise VideoWriteError(f"{path}: writing failed ({exc})") from exc
-        raise
+        with atomic_target(path, suffix=f".tmp{suffix}") as tmp:  # the writers pick the format from the suffix
+            writer(frames, tmp, fps)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, WanBenchError):
+            raise
+        raise VideoWriteError(f"{path}: writing failed ({exc})") from exc
     return path
 
 
