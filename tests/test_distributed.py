@@ -76,13 +76,14 @@ def test_split_generations_get_speedup_and_efficiency_against_the_one_gpu_case()
     def bench(name, median, sp=None):
         return {"name": name, "stats": {"median": median}, "extra_info": {"sequence_parallel": sp}}
 
-    benchmarks = [bench("test_generation[p-sdpa-fp8-compile0]", 64.0),
-                  bench("test_generation[p-sdpa-fp8-compile0-sp2]", 36.0, {"degree": 2}),
-                  bench("test_generation[q-sdpa-fp8-compile0-sp2]", 30.0, {"degree": 2})]  # no one-GPU case
-    lines = add_scaling_to_json(benchmarks)
+    p1, q1 = "p-sdpa-fp8-compile0", "q-sdpa-fp8-compile0"
+    benchmarks = [bench(f"test_generation[{p1}]", 64.0),
+                  bench("test_generation[p-sdpa-fp8-compile0-sp2]", 36.0, {"degree": 2, "single_gpu_case": p1}),
+                  bench("test_generation[q-sdpa-fp8-compile0-sp2]", 30.0, {"degree": 2, "single_gpu_case": q1})]
+    lines = add_scaling_to_json(benchmarks)  # q has no one-GPU case in this session
     assert benchmarks[1]["extra_info"]["sequence_parallel"] == {
-        "degree": 2, "single_gpu_seconds": 64.0, "speedup": 1.778, "efficiency": 0.889}
-    assert benchmarks[2]["extra_info"]["sequence_parallel"] == {"degree": 2}
+        "degree": 2, "single_gpu_case": p1, "single_gpu_seconds": 64.0, "speedup": 1.778, "efficiency": 0.889}
+    assert benchmarks[2]["extra_info"]["sequence_parallel"] == {"degree": 2, "single_gpu_case": q1}
     assert lines == ["test_generation[p-sdpa-fp8-compile0-sp2]: 1.778x one GPU (64.00 s -> 36.00 s), "
                      "scaling efficiency 0.889"]
 
@@ -134,7 +135,12 @@ def test_a_split_generation_is_compared_with_the_one_gpu_generation_of_the_same_
     import numpy as np
     import torch
 
+    from wan_pipeline.case import WanCase
     from wan_pipeline.distributed import compare_with_single_gpu
+    from wan_pipeline.presets import get_preset
+
+    def case(name, degree):
+        return WanCase(get_preset(name).replace(precision="fp8-scaled-mm", sequence_parallel=degree), "synthetic")
 
     class Gen:
         def __init__(self, latent, frames):
@@ -143,10 +149,12 @@ def test_a_split_generation_is_compared_with_the_one_gpu_generation_of_the_same_
     store = {}
     latent = torch.randn(1, 16, 3, 4, 4)
     frames = np.full((9, 8, 8, 3), 100, np.uint8)
-    assert compare_with_single_gpu("p-sdpa-fp8-compile0", 1, Gen(latent, frames), store) is None
+    assert compare_with_single_gpu(case("seed-832x1216-49f", 1), Gen(latent, frames), store) is None
     split = Gen(latent * 1.0001, frames + np.eye(8, dtype=np.uint8)[None, :, :, None])
-    result = compare_with_single_gpu("p-sdpa-fp8-compile0-sp2", 2, split, store)
+    result = compare_with_single_gpu(case("seed-832x1216-49f", 2), split, store)
+    assert result["single_gpu_case"] == "seed-832x1216-49f-sdpa-fp8-scaled-mm-compile0"
     assert result["latent_cosine_vs_single_gpu"] == pytest.approx(1.0)
     assert 40 < result["frames_psnr_vs_single_gpu_db"] < 60
-    assert compare_with_single_gpu("q-sdpa-fp8-compile0-sp2", 2, split, store) == {
-        "latent_cosine_vs_single_gpu": None, "frames_psnr_vs_single_gpu_db": None}
+    assert compare_with_single_gpu(case("seed-832x1216-81f", 2), split, store) == {
+        "single_gpu_case": "seed-832x1216-81f-sdpa-fp8-scaled-mm-compile0", "latent_cosine_vs_single_gpu": None,
+        "frames_psnr_vs_single_gpu_db": None}

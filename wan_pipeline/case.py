@@ -32,6 +32,11 @@ class WanCase:
         bands = f"-vae{c.vae_bands}bands" if c.vae_bands > 1 else ""
         return f"{c.name}-{c.attention}-{c.precision}-compile{int(c.compile)}{sp}{placement}{bands}"
 
+    @property
+    def single_gpu_id(self) -> str:
+        """The id of the same configuration on one GPU: what a split case is compared with."""
+        return WanCase(self.config.replace(sequence_parallel=1), self.mode).id
+
     def __str__(self) -> str:
         return self.id
 

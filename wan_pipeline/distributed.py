@@ -300,20 +300,22 @@ def sequence_parallel_info(degree: int, peak_bytes: int) -> dict | None:
     return {"degree": degree, "backend": "ulysses", "per_rank_peak_memory_bytes": gather_peaks(peak_bytes)}
 
 
-def compare_with_single_gpu(case_id: str, degree: int, generation, store: dict) -> dict | None:
+def compare_with_single_gpu(case, generation, store: dict) -> dict | None:
     """The split generation's output against the one-GPU generation of the same configuration in this session
-    (kept in `store` when the one-GPU case runs): cosine of the final latents, PSNR of the decoded frames."""
+    (kept in `store` when the one-GPU case runs): which case that is, cosine of the final latents, PSNR of the
+    decoded frames."""
     frames = generation.frames[::FRAME_SAMPLE_STRIDE]
-    if degree <= 1:
-        store[case_id] = (generation.latent, frames)
+    if case.config.sequence_parallel <= 1:
+        store[case.id] = (generation.latent, frames)
         return None
-    single = store.get(case_id.replace(f"-sp{degree}", ""))
+    single = store.get(case.single_gpu_id)
     if single is None:
-        return {"latent_cosine_vs_single_gpu": None, "frames_psnr_vs_single_gpu_db": None}
+        return {"single_gpu_case": case.single_gpu_id, "latent_cosine_vs_single_gpu": None,
+                "frames_psnr_vs_single_gpu_db": None}
     from .metrics import psnr
     from .reference import cosine
 
-    return {"latent_cosine_vs_single_gpu": cosine(generation.latent, single[0]),
+    return {"single_gpu_case": case.single_gpu_id, "latent_cosine_vs_single_gpu": cosine(generation.latent, single[0]),
             "frames_psnr_vs_single_gpu_db": psnr(frames, single[1])}
 
 
@@ -325,9 +327,9 @@ def add_scaling_to_json(benchmarks: list[dict]) -> list[str]:
     for bench in benchmarks:
         sp = (bench.get("extra_info") or {}).get("sequence_parallel") or {}
         degree = sp.get("degree") or 1
-        if degree <= 1:
+        if degree <= 1 or not sp.get("single_gpu_case"):
             continue
-        single = by_name.get(bench["name"].replace(f"-sp{degree}", ""))
+        single = by_name.get(f"{bench['name'].split('[', 1)[0]}[{sp['single_gpu_case']}]")  # same test, 1-GPU case
         if single is None:
             continue
         result = scaling(single["stats"]["median"], bench["stats"]["median"], degree)
