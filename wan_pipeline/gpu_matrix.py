@@ -364,7 +364,6 @@ class _Running:
     pending: str = ""
     started: set = field(default_factory=set)  # node ids whose setup report arrived
     finished: set = field(default_factory=set)  # node ids whose teardown report arrived
-    failed: set = field(default_factory=set)  # node ids with a failed report
 
 
 # ------------------------------------------------------------------------------------------------ the controller
@@ -538,8 +537,6 @@ class MatrixController:
             if report.nodeid not in run.started:
                 run.started.add(report.nodeid)
                 hook.pytest_runtest_logstart(nodeid=report.nodeid, location=tuple(report.location))
-            if report.failed:
-                run.failed.add(report.nodeid)
             hook.pytest_runtest_logreport(report=report)
             if report.when == "teardown":
                 run.finished.add(report.nodeid)
