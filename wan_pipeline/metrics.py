@@ -144,7 +144,11 @@ def transition_mae(frames: np.ndarray) -> np.ndarray:
 
 def flicker_score(frames: np.ndarray) -> float:
     """VBench temporal flickering: (255 - mean |f[t+1] - f[t]|) / 255; 1.0 for a frozen clip, higher is steadier."""
-    return float((255.0 - transition_mae(frames).mean()) / 255.0)
+    return _flicker(transition_mae(frames))
+
+
+def _flicker(mae: np.ndarray) -> float:
+    return float((255.0 - mae.mean()) / 255.0)
 
 
 def ssim_series(frames: np.ndarray) -> np.ndarray:
@@ -276,17 +280,21 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(min(PSNR_CAP_DB, 10.0 * math.log10(255.0 ** 2 / mse)))
 
 
-def first_frame_ssim(frames: np.ndarray, image: np.ndarray) -> float:
-    """SSIM of frame 0 against the input image as the pipeline resizes it."""
+def _first_frame_scores(frames: np.ndarray, image: np.ndarray) -> tuple[float, float]:
+    """(SSIM, PSNR) of frame 0 against the input image as the pipeline resizes it (resized once for both)."""
     f0, ref = _first_frame_pair(frames, image)
     k = ssim_scale(*f0.shape[:2])
-    return _ssim(_ssim_plane(f0, k), _ssim_plane(ref, k))
+    return _ssim(_ssim_plane(f0, k), _ssim_plane(ref, k)), psnr(f0, ref)
+
+
+def first_frame_ssim(frames: np.ndarray, image: np.ndarray) -> float:
+    """SSIM of frame 0 against the input image as the pipeline resizes it."""
+    return _first_frame_scores(frames, image)[0]
 
 
 def first_frame_psnr(frames: np.ndarray, image: np.ndarray) -> float:
     """PSNR (dB, RGB) of frame 0 against the input image as the pipeline resizes it."""
-    f0, ref = _first_frame_pair(frames, image)
-    return psnr(f0, ref)
+    return _first_frame_scores(frames, image)[1]
 
 
 # --------------------------------------------------------------------------------------------------- all
@@ -313,7 +321,7 @@ def compute_metrics(frames: np.ndarray, image: np.ndarray | None = None, name: s
     flows = flow_series(frames)
     result = {
         "frames": int(len(frames)),
-        "flicker_score": float((255.0 - mae.mean()) / 255.0),
+        "flicker_score": _flicker(mae),
         "ssim_mean": float(ssims.mean()),
         "ssim_min": float(ssims.min()),
         "warp_error": float(flows["warp_error"].mean()),
@@ -330,8 +338,5 @@ def compute_metrics(frames: np.ndarray, image: np.ndarray | None = None, name: s
         },
     }
     if image is not None:
-        f0, ref = frames[0], reference_frame(image, frames.shape[2], frames.shape[1])
-        k = ssim_scale(*f0.shape[:2])
-        result["first_frame_ssim"] = _ssim(_ssim_plane(f0, k), _ssim_plane(ref, k))
-        result["first_frame_psnr"] = psnr(f0, ref)
+        result["first_frame_ssim"], result["first_frame_psnr"] = _first_frame_scores(frames, image)
     return result
