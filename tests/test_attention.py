@@ -102,3 +102,14 @@ def test_quantize_maps_the_largest_value_to_the_top_of_e4m3():
     assert scale.item() == pytest.approx(FP8_E4M3_MAX / 2.0) and (scale * descale).item() == pytest.approx(1.0)
     zeros8, zero_scale, _ = _quantize(torch.zeros(3, dtype=torch.bfloat16))
     assert torch.isfinite(zero_scale) and zeros8.float().eq(0).all()
+
+
+def test_a_kernel_is_resolved_and_profiled_once_per_shape(monkeypatch):
+    profiled = []
+    real = attention.profile_kernel
+    monkeypatch.setattr(attention, "profile_kernel", lambda *a: profiled.append(1) or real(*a))
+    shape = dict(tokens=192, heads=2, head_dim=16, device=torch.device("cpu"), dtype=torch.float32)
+    first = attention.choose("sdpa", **shape)
+    assert attention.choose("sdpa", **shape) is first and len(profiled) == 1  # the next case of the matrix
+    attention.choose("sdpa", **dict(shape, tokens=320))  # another shape is resolved again
+    assert len(profiled) == 2

@@ -238,9 +238,23 @@ class KernelChoice:
                 "kernel_names": list(self.kernel_names), "auto_timings": self.timings}
 
 
+_CHOSEN: dict[tuple, tuple[AttentionKernel, KernelChoice]] = {}
+
+
 def choose(requested: str, *, tokens: int, heads: int, head_dim: int, device: torch.device,
            dtype: torch.dtype) -> tuple[AttentionKernel, KernelChoice]:
-    """Resolve `requested` (or auto) to a kernel that runs here, and profile which implementation executes."""
+    """Resolve `requested` (or auto) to a kernel that runs here, and profile which implementation executes.
+
+    Once per request and shape in a process: the answer does not change between the cases of a matrix, and each
+    resolution allocates three full-size probe tensors and runs a profiler pass (auto times every candidate)."""
+    key = (requested, tokens, heads, head_dim, str(device), dtype)
+    if key not in _CHOSEN:
+        _CHOSEN[key] = _resolve(requested, tokens=tokens, heads=heads, head_dim=head_dim, device=device, dtype=dtype)
+    return _CHOSEN[key]
+
+
+def _resolve(requested: str, *, tokens: int, heads: int, head_dim: int, device: torch.device,
+             dtype: torch.dtype) -> tuple[AttentionKernel, KernelChoice]:
     probe_tokens = tokens if device.type == "cuda" else min(tokens, 4096)
     q, k, v = probe_tensors(probe_tokens, heads, head_dim, device, dtype)
     timings = {}
