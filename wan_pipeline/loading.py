@@ -551,16 +551,13 @@ def _load_into(model: torch.nn.Module, sd: dict, path: Path, *, device, dtype, f
     return model.eval()
 
 
-def build_transformer(config: dict, *, device="cpu", dtype=torch.bfloat16):
-    """An empty WanTransformer3DModel: parameters on the meta device, rope buffers on ``device``.
-
-    ``dtype`` is accepted for symmetry and not used: meta parameters take the dtype of the tensors assigned later.
-    """
+def build_transformer(config: dict, *, device="cpu"):
+    """An empty WanTransformer3DModel: parameters on the meta device (they take the dtype of the tensors assigned
+    later), rope buffers on ``device``. from_config drops the ``_``-prefixed keys of a config.json itself."""
     from diffusers import WanTransformer3DModel
 
-    cfg = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device(device), _parameters_on_meta():
-        return WanTransformer3DModel.from_config(cfg)
+        return WanTransformer3DModel.from_config(config)
 
 
 def load_transformer(weights: ExpertWeights, *, device="cpu", dtype=torch.bfloat16):
@@ -569,7 +566,7 @@ def load_transformer(weights: ExpertWeights, *, device="cpu", dtype=torch.bfloat
     The scales of those are in ``weights.fp8_scales`` (not attached to the module): swap those Linear layers for an
     fp8 matmul module, or dequantize them, before running the model.
     """
-    model = build_transformer(weights.config, device=device, dtype=dtype)
+    model = build_transformer(weights.config, device=device)
     return _load_into(model, weights.state_dict, weights.path, device=device, dtype=dtype,
                       fp32_modules=_transformer_fp32_modules(), aliases=weights.original_names)
 
@@ -611,7 +608,6 @@ def load_vae(path_or_dir, *, device="cpu", dtype=torch.float32):
             raise CheckpointError(f"{path}: tensor conv2.weight gives a latent of {z_dim} channels; only the Wan 2.1 "
                                   "VAE (16 channels) is supported")
         config = {"base_dim": _shape(sd, "encoder.conv_in.weight", path)[0], "z_dim": z_dim}
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
     with torch.device(device), _parameters_on_meta():
         model = AutoencoderKLWan.from_config(config)
     return _load_into(model, sd, path, device=device, dtype=dtype)
