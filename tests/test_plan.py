@@ -162,3 +162,15 @@ def test_the_cli_refuses_a_torch_compile_it_cannot_honour(value, message):
                           env={**os.environ, "TORCH_COMPILE": value}, timeout=120)
     assert proc.returncode != 0 and message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_lora_at_strength_zero_is_no_lora_for_every_consumer():
+    import dataclasses
+
+    from wan_pipeline.config import ModelSetKey
+
+    cfg = get_preset("seed-832x1216-49f")
+    off = cfg.replace(passes=tuple(dataclasses.replace(p, lora_strength=0.0) for p in cfg.passes))
+    none = cfg.replace(passes=tuple(dataclasses.replace(p, lora_file=None) for p in cfg.passes))
+    assert all(p.lora_file is None and p.lora_strength == 0.0 for p in off.passes + none.passes)
+    assert ModelSetKey.for_run(off, "real", "/m") == ModelSetKey.for_run(none, "real", "/m")  # no needless reload

@@ -75,6 +75,13 @@ class PassConfig:
     sampler: str = "euler"
     scheduler: str = "simple"
 
+    def __post_init__(self):
+        # One meaning of "no LoRA" for every consumer (model-set key, file lookup, loader): a LoRA at strength 0
+        # changes nothing (ComfyUI skips it), and strength without a file is no LoRA.
+        if not self.lora_file or self.lora_strength == 0:
+            object.__setattr__(self, "lora_file", None)
+            object.__setattr__(self, "lora_strength", 0.0)
+
     def validate(self, where: str = "pass") -> None:
         if self.expert not in EXPERTS:
             raise ConfigError(f"{where}: expert {self.expert!r} is not one of {EXPERTS}")
@@ -234,7 +241,7 @@ class ModelSetKey:
         experts = []
         seen = set()
         for p in config.passes:
-            item = (p.expert, p.model_file, p.lora_file, float(p.lora_strength) if p.lora_file else 0.0)
+            item = (p.expert, p.model_file, p.lora_file, float(p.lora_strength))
             if item not in seen:
                 seen.add(item)
                 experts.append(item)

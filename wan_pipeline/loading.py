@@ -93,7 +93,7 @@ def _comfy_models_dir(path: Path) -> Path | None:
 def _experts(config: RunConfig) -> dict[str, tuple[str, str | None, float]]:
     out: dict[str, tuple[str, str | None, float]] = {}
     for p in config.passes:
-        item = (p.model_file, p.lora_file if p.lora_file and p.lora_strength != 0 else None, float(p.lora_strength))
+        item = (p.model_file, p.lora_file, float(p.lora_strength))
         if p.expert in out and out[p.expert] != item:
             raise LoadingError(f"{config.name}: expert {p.expert!r} is bound to two different model/LoRA choices: "
                                f"{out[p.expert]} and {item}")
