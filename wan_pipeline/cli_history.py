@@ -10,9 +10,8 @@ import json
 import sys
 
 from .errors import WanBenchError
-from .history import DEFAULT_ALPHA, DEFAULT_THRESHOLD, atomic_write_json
+from .history import DEFAULT_ALPHA, DEFAULT_STORAGE, DEFAULT_THRESHOLD, atomic_write_json
 
-DEFAULT_STORAGE = ".benchmarks"
 
 
 def parse_percent(text: str) -> float:

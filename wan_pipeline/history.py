@@ -61,6 +61,9 @@ _MEASURED_EXTRA_KEYS = re.compile(
 )
 
 
+DEFAULT_STORAGE = ".benchmarks"  # pytest-benchmark's own default --benchmark-storage
+
+
 class HistoryError(WanBenchError):
     """A history problem that makes the requested comparison impossible."""
 
@@ -152,7 +155,8 @@ def _parse_datetime(text: str) -> float:
     return value.timestamp()
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool: what can be compared as a measurement."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -182,10 +186,10 @@ def load_run(path: Path | str) -> Run:
         if not isinstance(bench, dict) or not (bench.get("fullname") or bench.get("name")):
             raise HistoryFileError(path, f"benchmark #{i} has no name")
         stats = bench.get("stats")
-        if not isinstance(stats, dict) or not _is_number(stats.get("median")):
+        if not isinstance(stats, dict) or not is_number(stats.get("median")):
             raise HistoryFileError(path, f"benchmark {benchmark_key(bench)!r} has no numeric stats.median")
         samples = stats.get("data")
-        if samples is not None and (not isinstance(samples, list) or not all(_is_number(v) for v in samples)):
+        if samples is not None and (not isinstance(samples, list) or not all(is_number(v) for v in samples)):
             raise HistoryFileError(path, f"benchmark {benchmark_key(bench)!r}: stats.data is not a list of numbers")
         if bench.get("extra_info") is not None and not isinstance(bench["extra_info"], dict):
             raise HistoryFileError(path, f"benchmark {benchmark_key(bench)!r}: extra_info is not an object")
@@ -225,7 +229,7 @@ def pick_runs(baseline: str | Path | None, current: str | Path | None) -> tuple[
     """Resolve compare's arguments: two files; a folder and a file (the folder's latest run); one folder (its latest
     two runs on the latest run's GPU); one file (it and the latest earlier run beside it on the same GPU)."""
     if baseline is None:
-        baseline = ".benchmarks"
+        baseline = DEFAULT_STORAGE
     if current is not None:
         skipped: list[tuple[Path, str]] = []
         picked = []
@@ -530,7 +534,7 @@ def verdict_for(base: dict, cur: dict, threshold: float = DEFAULT_THRESHOLD,
     bstages = (base.get("extra_info") or {}).get("stages") or {}
     cstages = (cur.get("extra_info") or {}).get("stages") or {}
     v.stages = [StageDelta(s, float(bstages[s]), float(cstages[s])) for s in ordered_stages(bstages, cstages)
-                if _is_number(bstages.get(s)) and _is_number(cstages.get(s))]
+                if is_number(bstages.get(s)) and is_number(cstages.get(s))]
     if any(d.delta != 0 for d in v.stages):
         sign = 1.0 if cmed >= bmed else -1.0
         v.stage = max(v.stages, key=lambda d: sign * d.delta)
@@ -634,7 +638,7 @@ class Comparison:
             for c in b.settings_changes:
                 lines.append(f"  setting changed: {c.describe()}")
             for key, (a, c) in b.memory.items():
-                if a != c and _is_number(a) and _is_number(c):
+                if a != c and is_number(a) and is_number(c):
                     lines.append(f"  memory {key}: {a / 2**30:.2f} GiB -> {c / 2**30:.2f} GiB")
             if b.throttling.get("baseline") or b.throttling.get("current"):
                 lines.append(f"  throttling: baseline {', '.join(b.throttling['baseline']) or 'none'}; "

@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import WanBenchError
 from .config import ordered_stages
-from .history import (DEFAULT_ALPHA, DEFAULT_THRESHOLD, HistoryError, Run, Series, compare, load_history,
+from .history import (DEFAULT_ALPHA, DEFAULT_THRESHOLD, HistoryError, Run, Series, compare, is_number, load_history,
                       trend, atomic_write_bytes)
 
 
@@ -93,7 +93,7 @@ def plot_memory(run: Run) -> bytes | None:
     rows = []
     for name, b in run.benchmarks.items():
         mem = (b.get("extra_info") or {}).get("peak_memory") or {}
-        vals = {k: v for k, v in mem.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        vals = {k: v for k, v in mem.items() if is_number(v)}
         if vals:
             rows.append((name.split("::")[-1], vals))
     if not rows:
@@ -118,7 +118,7 @@ def metric_history(runs: list[Run]) -> dict[str, dict[str, list[tuple[int, float
     for i, run in enumerate(runs, 1):
         for name, b in run.benchmarks.items():
             for metric, value in ((b.get("extra_info") or {}).get("metrics") or {}).items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                if is_number(value):
                     out.setdefault(metric, {}).setdefault(name, []).append((i, float(value)))
     return out
 
