@@ -301,8 +301,7 @@ def merge(base: dict, workers: Sequence[WorkerResult], order: Sequence[str] = ()
             machine_info = worker.data["machine_info"]
         benchmarks.extend(worker.data.get("benchmarks") or [])
     rank = {nodeid: i for i, nodeid in enumerate(order)}
-    keyed = [(rank.get(b.get("fullname"), len(rank)), i, b) for i, b in enumerate(benchmarks)]
-    merged["benchmarks"] = [b for _, _, b in sorted(keyed, key=lambda t: (t[0], t[1]))]
+    merged["benchmarks"] = sorted(benchmarks, key=lambda b: rank.get(b.get("fullname"), len(rank)))  # stable
     if machine_info is not None:
         merged["machine_info"] = machine_info
     merged["wan_workers"] = [w.to_json() for w in sorted(workers, key=lambda w: w.index)]
@@ -324,8 +323,10 @@ def _exit_meaning(code: int) -> str:
         except ValueError:
             name = f"signal {-code}"
         return f"killed by {name}" + (" (out of host memory?)" if -code == signal.SIGKILL else "")
-    return {2: "interrupted", 3: "pytest internal error, or the process ended itself",
-            4: "pytest usage error", 5: "collected none of its cases"}.get(code, "ended abnormally")
+    E = pytest.ExitCode
+    return {E.INTERRUPTED: "interrupted", E.INTERNAL_ERROR: "pytest internal error, or the process ended itself",
+            E.USAGE_ERROR: "pytest usage error", E.NO_TESTS_COLLECTED: "collected none of its cases"}.get(
+        code, "ended abnormally")
 
 
 def tail(path: Path, lines: int = 15) -> list[str]:
@@ -550,12 +551,14 @@ class MatrixController:
         code = run.proc.returncode
         result.exit_code = code
         if result.status == "running":
-            if code == 0:
+            E = pytest.ExitCode
+            if code == E.OK:
                 result.status = "ok"
-            elif code == 1:
+            elif code == E.TESTS_FAILED:
                 result.status = "tests failed"
             else:
-                result.status = "died" if code < 0 or code not in (2, 4, 5) else "error"
+                stopped_cleanly = code in (E.INTERRUPTED, E.USAGE_ERROR, E.NO_TESTS_COLLECTED)
+                result.status = "error" if stopped_cleanly else "died"
                 result.problem = f"exited with code {code} ({_exit_meaning(code)})"
         if run.json_path.exists() and run.json_path.stat().st_size:
             try:
