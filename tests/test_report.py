@@ -80,3 +80,20 @@ def test_read_frames_spreads_over_the_video(storage, tmp_path):
     assert len(frames) == 4 and frames[0].shape == (48, 64, 3)
     assert frames[0][0, 0, 0] < frames[-1][0, 0, 0]
     assert read_frames(tmp_path / "missing.mp4") == []
+
+
+def test_each_gpu_section_lists_only_its_own_images_when_one_slug_ends_another(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in ("A H100", "H100"):  # slugs a-h100 (reported first) and h100: "-h100" is inside a-h100 names
+        s = _session(1, 1.0, rng)
+        s["machine_info"]["gpu"]["name"] = name
+        folder = tmp_path / "storage" / name.lower().replace(" ", "-")
+        folder.mkdir(parents=True)
+        (folder / "0001_run.json").write_text(json.dumps(s))
+    write_report(tmp_path / "storage", tmp_path / "report")
+    md = (tmp_path / "report" / "summary.md").read_text()
+    sections = {head.split(" (`")[0]: body for head, body in
+                (part.split("\n", 1) for part in md.split("\n## ")[1:])}
+    images = {gpu: re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body) for gpu, body in sections.items()}
+    assert images["H100"] and not any("a-h100" in n for n in images["H100"])
+    assert images["A H100"] and all("a-h100" in n for n in images["A H100"])

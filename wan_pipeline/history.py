@@ -102,7 +102,7 @@ class Run:
     def datetime(self) -> str:
         return str(self.data.get("datetime") or "")
 
-    @property
+    @functools.cached_property
     def benchmarks(self) -> dict[str, dict]:
         return {benchmark_key(b): b for b in self.data.get("benchmarks", [])}
 

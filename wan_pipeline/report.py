@@ -206,6 +206,7 @@ def write_report(storage: str | Path, out_dir: str | Path, threshold: float = DE
 
     groups = hist.by_gpu()
     for gpu, runs in sorted(groups.items()):
+        first_image = len(images)
         latest = runs[-1]
         md += ["", f"## {runs[-1].gpu_name or 'CPU (no GPU)'} (`{gpu}`): {len(runs)} run(s), latest {latest.label}"]
         by_preset: dict[str, list[Series]] = {}
@@ -240,7 +241,7 @@ def write_report(storage: str | Path, out_dir: str | Path, threshold: float = DE
             add_image(f"frames-{gpu}.png", f"frame strip of {video}", strip)
             if strip is None:
                 md += ["", f"Latest video `{video}` could not be read."]
-        md += ["", "Images:"] + [f"![{cap}]({name})" for name, cap, _ in images if f"-{gpu}" in name]
+        md += ["", "Images:"] + [f"![{cap}]({name})" for name, cap, _ in images[first_image:]]  # this GPU's
     if hist.skipped:
         md += ["", "## Unusable files (skipped, left as they are)", ""]
         md += [f"- `{p}`: {why}" for p, why in hist.skipped]
