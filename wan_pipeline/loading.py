@@ -469,13 +469,7 @@ def load_expert_weights(
     """
     path = Path(path)
     if path.is_dir():
-        files = _diffusers_weight_files(path)
-        stored = {}
-        metadata: dict = {}
-        for f in files:
-            part, meta = read_safetensors(f)
-            stored.update(part)
-            metadata.update(meta)
+        stored, metadata = _read_component_folder(path)
         split = _split_fp8(stored, metadata, path)
         sd = split.tensors
         num_layers = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
@@ -575,11 +569,15 @@ def load_transformer(weights: ExpertWeights, *, device="cpu", dtype=torch.bfloat
 # VAE
 
 
-def _read_component_folder(folder: Path) -> dict:
+def _read_component_folder(folder: Path) -> tuple[dict, dict]:
+    """All shards of a diffusers component folder: (tensors, header metadata, e.g. _quantization_metadata)."""
     sd: dict = {}
+    metadata: dict = {}
     for f in _diffusers_weight_files(folder):
-        sd.update(read_safetensors(f)[0])
-    return sd
+        part, meta = read_safetensors(f)
+        sd.update(part)
+        metadata.update(meta)
+    return sd, metadata
 
 
 def load_vae(path_or_dir, *, device="cpu", dtype=torch.float32):
@@ -594,7 +592,7 @@ def load_vae(path_or_dir, *, device="cpu", dtype=torch.float32):
     path = Path(path_or_dir)
     if path.is_dir():
         config = dict(AutoencoderKLWan.load_config(str(path)))
-        sd = _read_component_folder(path)
+        sd, _metadata = _read_component_folder(path)
     else:
         stored, metadata = read_safetensors(path)
         split = _split_fp8(_strip_prefix(stored, ("first_stage_model.", "vae.")), metadata, path)
@@ -685,8 +683,8 @@ def load_text_encoder(path_or_dir, *, device="cpu", dtype=torch.bfloat16):
     path = Path(path_or_dir)
     if path.is_dir():
         config = UMT5Config.from_pretrained(str(path))
-        stored = _read_component_folder(path)
-        split = _split_fp8(stored, {}, path)
+        stored, metadata = _read_component_folder(path)
+        split = _split_fp8(stored, metadata, path)  # a quantized folder's _quantization_metadata counts too
         tokenizer = UMT5Tokenizer.from_folder(path.parent / "tokenizer")
     else:
         stored, metadata = read_safetensors(path)
