@@ -138,6 +138,18 @@ def test_muted_second_pass_is_not_silently_dropped():
         configs_from_workflow(wf, "muted2.json")
 
 
+def test_a_chain_comfyui_never_runs_is_dead_before_its_settings_are_checked():
+    wf = _load("users_variant.json")
+    sampler = _node(wf, 13)["widgets_values"].index("euler")
+    _node(wf, 13)["widgets_values"][sampler] = "no_such_sampler"
+    with pytest.raises(WorkflowError, match="no_such_sampler"):  # a chain that runs: its sampler is checked
+        configs_from_workflow(copy.deepcopy(wf), "bad_sampler.json")
+    _node(wf, 14)["mode"] = 2  # now its latent reaches no output node: dead, whatever its sampler
+    with pytest.raises(WorkflowError, match="reaches no output node") as info:
+        configs_from_workflow(wf, "dead.json")
+    assert "no_such_sampler" not in str(info.value)
+
+
 def test_bypassed_second_pass_leaves_a_one_pass_chain():
     wf = _load("users_variant.json")
     _node(wf, 14)["mode"] = 4  # the latent passes through to VAEDecode

@@ -33,6 +33,7 @@ Nothing here imports torch or the model code.
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import json
 import math
@@ -794,6 +795,10 @@ class _Resolver:
         nodes = [self.g.nodes[sid] for sid in order]
         first = nodes[0]
         self.used.update(order)
+        downstream = self._downstream(nodes[-1])
+        if not self._reaches_output(downstream):  # first: a chain ComfyUI never runs is not checked further
+            raise _Dead(f"the output of {nodes[-1].describe()} reaches no output node "
+                        f"({', '.join(OUTPUT_NODES[:4])}, ...), so ComfyUI never runs this chain")
         wan, _ = self.expect(first.inputs.get("latent_image"), f"{first.describe()} input 'latent_image'",
                              ("WanImageToVideo",), "LATENT")
         for s in nodes:
@@ -825,10 +830,7 @@ class _Resolver:
             except _Dead:
                 image = None  # the optional start image is dropped; ComfyUI runs without it
         seed = next((self._typed(s, "noise_seed", "int") for s, p in zip(nodes, passes) if p.add_noise), 0)
-        fps = self._fps(nodes[-1])
-        if not self._reaches_output(nodes[-1]):
-            raise _Dead(f"the output of {nodes[-1].describe()} reaches no output node "
-                        f"({', '.join(OUTPUT_NODES[:4])}, ...), so ComfyUI never runs this chain")
+        fps = self._fps(downstream)
         config = RunConfig(name=f"wf-{self.stem}", passes=passes, width=width, height=height, length=length, fps=fps,
                            seed=seed, batch_size=batch, image=image, prompt=prompt, negative_prompt=negative,
                            text_encoder_file=te_pos, vae_file=vae_file)
@@ -911,9 +913,9 @@ class _Resolver:
     def _downstream(self, start: _Node) -> list[_Node]:
         """Active and bypassed nodes downstream of ``start``, breadth first."""
         cons = self.consumers()
-        seen, queue, out = {start.id}, [start.id], []
+        seen, queue, out = {start.id}, collections.deque([start.id]), []
         while queue:
-            nid = queue.pop(0)
+            nid = queue.popleft()
             for cid, _, _ in cons.get(nid, []):
                 if cid in seen:
                     continue
@@ -925,8 +927,9 @@ class _Resolver:
                 queue.append(cid)
         return out
 
-    def _fps(self, last: _Node) -> int:
-        for n in self._downstream(last):
+    def _fps(self, downstream: list[_Node]) -> int:
+        """The frame rate of the first active video-saving node downstream of the chain."""
+        for n in downstream:
             if n.mode == MODE_ACTIVE and n.type in FPS_NODES:
                 try:
                     fps = self._typed(n, FPS_NODES[n.type], "float")
@@ -940,8 +943,8 @@ class _Resolver:
                 return max(1, round(fps))
         return DEFAULT_FPS
 
-    def _reaches_output(self, last: _Node) -> bool:
-        for n in self._downstream(last):
+    def _reaches_output(self, downstream: list[_Node]) -> bool:
+        for n in downstream:
             if n.mode != MODE_ACTIVE or n.outputs_map is not None:
                 continue
             if n.type in OUTPUT_NODES or n.type not in TRANSIT_NODES and n.type not in WIDGET_NAMES:
