@@ -503,6 +503,9 @@ def verdict_for(base: dict, cur: dict, threshold: float = DEFAULT_THRESHOLD,
         status="unchanged", regression=False, test="",
     )
     test = mann_whitney(x, y) if len(x) >= 2 and len(y) >= 2 else None
+    if test is not None:
+        v.p_slower, v.p_faster = test.p_slower, test.p_faster
+        v.ratio_lower, v.ratio_estimate, v.ratio_upper = ratio_bounds(x, y, alpha)
     if test is None:
         missing = "baseline" if len(x) < 2 else "current"
         v.test = (f"medians only: the {missing} run has no per-round timings (stats.data; save with "
@@ -510,26 +513,20 @@ def verdict_for(base: dict, cur: dict, threshold: float = DEFAULT_THRESHOLD,
     elif test.min_p >= alpha:
         v.test = (f"medians only: {len(x)} and {len(y)} rounds cannot reach p < {alpha:g} "
                   f"(smallest possible p {test.min_p:.3g}); the Mann-Whitney test could not decide")
-    if test is None or test.min_p >= alpha:
+    else:
+        v.test = (f"Mann-Whitney U ({test.method}, one-sided) on {len(x)} vs {len(y)} rounds at alpha {alpha:g}, "
+                  f"threshold {threshold * 100:g} %")
+    if test is None or test.min_p >= alpha:  # the medians decide
         v.regression = ratio >= limit
         v.status = ("regression" if v.regression else "improvement" if ratio <= 1 / limit else
                     "slower-below-threshold" if ratio > 1 else "faster-below-threshold" if ratio < 1 else "unchanged")
-        if test is not None:
-            v.p_slower, v.p_faster = test.p_slower, test.p_faster
-            v.ratio_lower, v.ratio_estimate, v.ratio_upper = ratio_bounds(x, y, alpha)
+    elif test.p_slower < alpha:
+        v.regression = v.ratio_upper >= limit
+        v.status = "regression" if v.regression else "slower-below-threshold"
+    elif test.p_faster < alpha:
+        v.status = "improvement" if v.ratio_lower <= 1 / limit else "faster-below-threshold"
     else:
-        lower, estimate, upper = ratio_bounds(x, y, alpha)
-        v.p_slower, v.p_faster = test.p_slower, test.p_faster
-        v.ratio_lower, v.ratio_estimate, v.ratio_upper = lower, estimate, upper
-        v.test = (f"Mann-Whitney U ({test.method}, one-sided) on {len(x)} vs {len(y)} rounds at alpha {alpha:g}, "
-                  f"threshold {threshold * 100:g} %")
-        if test.p_slower < alpha:
-            v.regression = upper >= limit
-            v.status = "regression" if v.regression else "slower-below-threshold"
-        elif test.p_faster < alpha:
-            v.status = "improvement" if lower <= 1 / limit else "faster-below-threshold"
-        else:
-            v.status = "unchanged"
+        v.status = "unchanged"
     # Where the time moved.
     bstages = (base.get("extra_info") or {}).get("stages") or {}
     cstages = (cur.get("extra_info") or {}).get("stages") or {}
