@@ -778,7 +778,7 @@ def change_points(values: Iterable[float], min_size: int = 2, permutations: int 
         pvalues[lo + tau] = p
         segments += [(lo, lo + tau), (lo + tau, hi)]
     found.sort()
-    # Segment levels between neighbouring change points; drop steps smaller than min_shift and re-measure.
+    # Segment levels between neighbouring change points (all of them, kept or not); report the steps of min_shift+.
     result = []
     bounds = [0] + found + [len(series)]
     for i, cp in enumerate(found):
