@@ -122,6 +122,8 @@ def test_bad_option_values_are_usage_errors(inner):
     assert "ERROR: --wan-attention: unknown value(s) ['xformers']" in result.stderr.str()
     result = inner.runpytest_subprocess(*TINY, "--wan-residency", "swap", "--collect-only")
     assert "ERROR: --wan-residency: unknown value 'swap'; choose from ('auto', 'resident'" in result.stderr.str()
+    result = inner.runpytest_subprocess(*TINY, "--wan-video", "gif", "--collect-only")
+    assert "ERROR: --wan-video: unknown value 'gif'; choose from ('auto', 'mp4', 'webp', 'none')" in result.stderr.str()
 
 
 def test_two_autosaves_in_one_folder_get_their_own_numbers(pytester):

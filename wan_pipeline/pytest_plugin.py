@@ -105,9 +105,7 @@ def _int_option(config, option: str, default: int, minimum: int) -> int:
 
 
 def read_options(config) -> WanOptions:
-    mode = _option(config, "--wan-mode") or "auto"
-    if mode not in ("auto",) + MODES:
-        raise pytest.UsageError(f"--wan-mode must be auto or one of {MODES}, got {mode!r}")
+    mode = _choice(_option(config, "--wan-mode") or "auto", "--wan-mode", ("auto",) + MODES)
     attention = tuple(_csv(_option(config, "--wan-attention")) or ["sdpa"])
     precision = tuple(_csv(_option(config, "--wan-precision")) or ["auto"])
     for name, values, allowed in (("--wan-attention", attention, ATTENTION_BACKENDS),
@@ -127,7 +125,7 @@ def read_options(config) -> WanOptions:
         rounds=_int_option(config, "--wan-rounds", 5, 1),
         warmup=_int_option(config, "--wan-warmup", 1, 0),
         workflow=_option(config, "--wan-workflow"),
-        video=_video_format(_option(config, "--wan-video")),
+        video=_choice((_option(config, "--wan-video") or "auto").lower(), "--wan-video", VIDEO_CHOICES),
         sequence_parallel=_int_option(config, "--wan-sp", 1, 1),
         residency=_choice(_option(config, "--wan-residency") or "auto", "--wan-residency", RESIDENCIES),
         vae_bands=_int_option(config, "--wan-vae-bands", 1, 1),
@@ -140,11 +138,7 @@ def _choice(value: str, option: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _video_format(value: str | None) -> str:
-    value = (value or "auto").lower()
-    if value not in ("auto", "mp4", "webp", "none"):
-        raise pytest.UsageError(f"--wan-video must be auto, mp4, webp or none, got {value!r}")
-    return value
+VIDEO_CHOICES = ("auto", "mp4", "webp", "none")
 
 
 def clip_format(video: str, mode: str) -> str | None:
