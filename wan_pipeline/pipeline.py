@@ -146,9 +146,9 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
         with timer.stage("switch"):
             residency.need(f"expert:{pass_plan.config.expert}")
         model = models.expert_for(pass_plan.config.expert)
-        denoise = flow_denoiser(_call(model), concat, positive, negative, pass_plan.config.cfg, models.dtype)
         callback = (lambda step, sigma: bar.update(1)) if bar else None
-        with timer.stage(f"pass{i}"):
+        with timer.stage(f"pass{i}"):  # the denoiser's one-off cast of the image conditioning is the pass's work
+            denoise = flow_denoiser(_call(model), concat, positive, negative, pass_plan.config.cfg, models.dtype)
             latent = run_pass(denoise, latent, pass_plan, config.seed, callback)
     if bar:
         bar.close()
