@@ -132,6 +132,43 @@ def test_auto_precision_is_what_comfyui_runs_fp8_scaled_files_with(monkeypatch):
     assert resolve_precision("auto", torch.device("cuda", 0)) == "fp8-upcast"  # A100: fp8 storage, bf16 math
 
 
+@pytest.mark.parametrize("precision, fast_accum", [("fp8-scaled-mm", False), ("fp8-scaled-mm-fast", True)])
+def test_fp8_matmul_modes_differ_only_in_the_accumulation_they_ask_for(monkeypatch, precision, fast_accum):
+    from wan_pipeline import precision as precision_module
+    from wan_pipeline.precision import Fp8Linear, apply_precision
+
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(64, 48))
+    reference = block[0].weight.detach().clone(), block[0].bias.detach().clone()
+    transformer = torch.nn.Module()
+    transformer.blocks = torch.nn.ModuleList([block])
+    monkeypatch.setattr(precision_module, "check_fp8_matmul", lambda device, name: None)  # CPU _scaled_mm runs
+    notes = apply_precision(transformer, precision, torch.float32)
+    layer = transformer.blocks[0][0]
+    assert isinstance(layer, Fp8Linear) and layer.fast_accum is fast_accum and layer.matmul
+    assert ("fast accumulation" in notes[0]) is fast_accum
+    seen = []
+    real_scaled_mm = torch._scaled_mm
+
+    def recording_scaled_mm(*args, **kwargs):
+        seen.append(kwargs["use_fast_accum"])
+        return real_scaled_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", recording_scaled_mm)
+    x = torch.randn(5, 64)
+    out = layer(x)
+    assert seen == [fast_accum]
+    expected = torch.nn.functional.linear(x, *reference)
+    assert torch.nn.functional.cosine_similarity(out.flatten(), expected.flatten(), dim=0) > 0.99
+
+
+def test_fp8_matmul_on_a_cpu_is_refused_with_the_precision_named():
+    from wan_pipeline.precision import check_fp8_matmul
+
+    with pytest.raises(WanBenchError, match="fp8-scaled-mm-fast needs a CUDA GPU"):
+        check_fp8_matmul(torch.device("cpu"), "fp8-scaled-mm-fast")
+
+
 def test_real_experts_park_in_cpu_memory_when_they_do_not_fit():
     from wan_pipeline.models import expert_load_device
 

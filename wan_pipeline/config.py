@@ -18,7 +18,10 @@ EXPERTS = ("high", "low")
 SAMPLERS = ("euler",)
 SCHEDULERS = ("simple",)
 MODES = ("tiny", "synthetic", "real")
-PRECISIONS = ("auto", "bf16", "fp16", "fp8-upcast", "fp8-scaled-mm")
+# fp8-scaled-mm is ComfyUI's fp8 matmul (exact fp32 accumulation); fp8-scaled-mm-fast lets the tensor cores
+# accumulate as torchao's float8 inference does (use_fast_accum), a few percent faster.
+FP8_PRECISIONS = ("fp8-upcast", "fp8-scaled-mm", "fp8-scaled-mm-fast")
+PRECISIONS = ("auto", "bf16", "fp16", *FP8_PRECISIONS)
 # The timed stages of one generation, in pipeline order (result records and reports use these names).
 STAGES = ("text_encode", "image_encode", "pass1", "switch", "pass2", "decode")
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import ModelSetKey, RunConfig
+from .config import FP8_PRECISIONS, ModelSetKey, RunConfig
 from .errors import WanBenchError
 
 # WanTransformer3DModel configuration of the A14B i2v experts (REFERENCE §3).
@@ -320,7 +320,7 @@ def load_model_set(key: ModelSetKey, *, device: torch.device | None = None, seed
 
     for name, expert in models.experts.items():
         models.notes += apply_precision(expert, key.precision, dtype, run_on=device)
-    if key.mode != "real" and key.precision in ("fp8-upcast", "fp8-scaled-mm"):
+    if key.mode != "real" and key.precision in FP8_PRECISIONS:
         from .precision import store_text_encoder_fp8
 
         models.notes += store_text_encoder_fp8(models.text_encoder, dtype)
@@ -362,7 +362,7 @@ def _load_real(key: ModelSetKey, device: torch.device, dtype: torch.dtype, model
     if config is None:
         raise WanBenchError("real mode needs the run configuration to know which files to load")
     files = loading.find_model_files(models_dir, config)
-    keep_fp8 = key.precision in ("fp8-upcast", "fp8-scaled-mm")
+    keep_fp8 = key.precision in FP8_PRECISIONS
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     park = expert_load_device(device, total, [files.experts[e[0]].model.stat().st_size for e in key.experts],
                               keep_fp8)

@@ -3,6 +3,8 @@
 `fp8-scaled-mm` runs the transformer blocks' Linear layers the way ComfyUI runs fp8_scaled files on sm >= 8.9
 (REFERENCE §2): weight float8_e4m3fn with a per-tensor scale, input clamped to +-448 and cast to fp8 (or divided
 by the file's `scale_input` when it has one), then `torch._scaled_mm` with float output in the compute dtype.
+`fp8-scaled-mm-fast` is the same with `use_fast_accum=True`, the accumulation torchao's float8 inference uses:
+Hopper's fp8 tensor cores accumulate in reduced precision between the periodic fp32 promotions.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import FP8_PRECISIONS
 from .errors import WanBenchError
 
 FP8 = torch.float8_e4m3fn
@@ -33,11 +36,13 @@ class Fp8Linear(nn.Module):
     """A Linear whose weight is stored in float8_e4m3fn with a per-tensor scale.
 
     matmul=False upcasts the weight to the compute dtype per call (fp8 storage, bf16 math);
-    matmul=True multiplies in fp8 with torch._scaled_mm (Hopper/Ada fp8 tensor cores).
+    matmul=True multiplies in fp8 with torch._scaled_mm (Hopper/Ada fp8 tensor cores), fast_accum=True with the
+    tensor cores' fast accumulation.
     """
 
     def __init__(self, weight_fp8: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
-                 compute_dtype: torch.dtype, matmul: bool, input_scale: torch.Tensor | None = None):
+                 compute_dtype: torch.dtype, matmul: bool, input_scale: torch.Tensor | None = None,
+                 fast_accum: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight_fp8.shape
         self.weight = nn.Parameter(weight_fp8, requires_grad=False)
@@ -49,6 +54,7 @@ class Fp8Linear(nn.Module):
             self.input_scale = None
         self.compute_dtype = compute_dtype
         self.matmul = matmul
+        self.fast_accum = fast_accum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.matmul:
@@ -63,11 +69,12 @@ class Fp8Linear(nn.Module):
             scale_a = self.input_scale
             xq = (x2.float() / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale, bias=self.bias,
-                               out_dtype=self.compute_dtype)
+                               out_dtype=self.compute_dtype, use_fast_accum=self.fast_accum)
         return out.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, matmul={'fp8' if self.matmul else 'upcast'}"
+        matmul = ("fp8 fast-accum" if self.fast_accum else "fp8") if self.matmul else "upcast"
+        return f"in={self.in_features}, out={self.out_features}, matmul={matmul}"
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -80,13 +87,13 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return "fp8-scaled-mm" if torch.cuda.get_device_capability(device) >= (8, 9) else "fp8-upcast"
 
 
-def check_fp8_matmul(device: torch.device) -> None:
+def check_fp8_matmul(device: torch.device, precision: str = "fp8-scaled-mm") -> None:
     if device.type != "cuda":
-        raise WanBenchError("precision fp8-scaled-mm needs a CUDA GPU (torch._scaled_mm); this run is on the CPU")
+        raise WanBenchError(f"precision {precision} needs a CUDA GPU (torch._scaled_mm); this run is on the CPU")
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < (8, 9):
         raise WanBenchError(
-            f"precision fp8-scaled-mm needs compute capability 8.9+ (Ada/Hopper); "
+            f"precision {precision} needs compute capability 8.9+ (Ada/Hopper); "
             f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use fp8-upcast or bf16"
         )
 
@@ -99,12 +106,13 @@ def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
     `run_on` is the device the model will run on (it may be parked in CPU memory now). Returns notes for the
     result record.
     """
-    if precision not in ("fp8-upcast", "fp8-scaled-mm"):
+    if precision not in FP8_PRECISIONS:
         return []
-    matmul = precision == "fp8-scaled-mm"
+    matmul = precision != "fp8-upcast"
+    fast_accum = precision == "fp8-scaled-mm-fast"
     device = next(transformer.parameters()).device
     if matmul:
-        check_fp8_matmul(run_on or device)
+        check_fp8_matmul(run_on or device, precision)
     blocks = getattr(transformer, "blocks", None)
     if blocks is None:
         raise WanBenchError(f"precision {precision}: {type(transformer).__name__} has no transformer blocks")
@@ -119,7 +127,7 @@ def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
                 else:
                     wq, scale = quantize_per_tensor(weight)
                 bias = None if child.bias is None else child.bias.data
-                new = Fp8Linear(wq, scale, bias, dtype, matmul, getattr(child, "input_scale", None))
+                new = Fp8Linear(wq, scale, bias, dtype, matmul, getattr(child, "input_scale", None), fast_accum)
                 parent_name, _, attr = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, attr, new)
@@ -127,7 +135,9 @@ def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
                 swapped += 1
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    kind = "fp8 x fp8 torch._scaled_mm" if matmul else "fp8 storage upcast per layer"
+    kind = "fp8 storage upcast per layer"
+    if matmul:
+        kind = "fp8 x fp8 torch._scaled_mm" + (" with fast accumulation" if fast_accum else "")
     return [f"precision {precision}: {swapped} block Linear layers as {kind}"]
 
 
