@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import attention, conditioning
+from . import attention, conditioning, vae_kernels
 from .config import ModelSetKey, RunConfig, config_to_dict
 from .history import atomic_write_json
 from .models import ModelSet, Residency, load_model_set, resolve_run_precision, working_memory_estimate
@@ -83,7 +83,8 @@ def expert_attention_shape(models: ModelSet) -> tuple[int, int]:
 
 def configure(models: ModelSet, plan: Plan) -> Prepared:
     """Install the attention kernel (profiled to prove which one runs), split the experts' sequence over the ranks
-    (sequence parallel), compile if asked, decide residency, and load the start image."""
+    (sequence parallel), compile if asked, speed up the VAE's memory-bound work (vae_kernels), decide residency,
+    and load the start image."""
     heads, head_dim = expert_attention_shape(models)
     kernel, choice = attention.choose(plan.config.attention, tokens=plan.tokens, heads=heads, head_dim=head_dim,
                                       device=models.device, dtype=models.dtype)
@@ -108,6 +109,8 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
         for expert in models.experts.values():
             expert.compile_repeated_blocks(fullgraph=True)
         models._compiled = True
+    on_gpu = models.device.type == "cuda"
+    notes += vae_kernels.apply(models.vae, channels_last=on_gpu, fuse_norms=on_gpu and compile_enabled)
     inner = heads * head_dim
     working = working_memory_estimate(plan.tokens, plan.width, plan.height, inner, vae_bands.parts if vae_bands else 1)
     residency = Residency(models, working, policy=plan.config.residency)
