@@ -1,5 +1,6 @@
 """Plans of the presets: shapes, tokens, forwards, hand-over; and the configuration rules."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import sys
 import pytest
 
 from wan_pipeline.config import ConfigError
-from wan_pipeline.plan import make_plan, tiny_geometry, token_count
+from wan_pipeline.plan import make_plan, tiny_geometry, token_count, warmup_plan
 from wan_pipeline.presets import DEFAULT_MATRIX, PRESETS, get_preset
 
 
@@ -23,6 +24,21 @@ def test_seed_preset_plan_matches_reference():
     assert list(p2.timesteps) == pytest.approx([857.14287, 666.6667], abs=1e-3)
     assert (p1.forwards, p2.forwards, plan.forwards) == (2, 2, 4)
     assert plan.handover_scale == pytest.approx(0.857143, abs=1e-6)
+
+
+def test_the_warmup_plan_is_the_first_step_of_every_pass_at_the_same_shapes():
+    plan = make_plan(get_preset("seed-832x1216-49f-cfg3.5"), "synthetic")
+    warm = warmup_plan(plan)
+    assert (warm.latent_shape, warm.tokens, warm.config) == (plan.latent_shape, plan.tokens, plan.config)
+    for full, cut in zip(plan.passes, warm.passes):
+        assert cut.config == full.config and cut.steps_run == 1
+        assert cut.sigmas == full.sigmas[:2] and cut.timesteps == full.timesteps[:1]
+        assert cut.forwards == 2  # CFG: positive and negative at the one step
+    assert warm.forwards == 4 and plan.forwards == 8
+    idle = make_plan(get_preset("seed-832x1216-49f").replace(passes=(
+        get_preset("seed-832x1216-49f").passes[0],
+        dataclasses.replace(get_preset("seed-832x1216-49f").passes[1], start_at_step=4))), "synthetic")
+    assert warmup_plan(idle).passes[1] == idle.passes[1]  # a pass that makes no step stays as it is
 
 
 @pytest.mark.parametrize("name, frames, tokens", [
@@ -174,3 +190,15 @@ def test_a_lora_at_strength_zero_is_no_lora_for_every_consumer():
     none = cfg.replace(passes=tuple(dataclasses.replace(p, lora_file=None) for p in cfg.passes))
     assert all(p.lora_file is None and p.lora_strength == 0.0 for p in off.passes + none.passes)
     assert ModelSetKey.for_run(off, "real", "/m") == ModelSetKey.for_run(none, "real", "/m")  # no needless reload
+
+
+def test_the_compile_estimate_subtracts_what_a_compiled_warmup_takes():
+    from wan_pipeline.case import CaseRun
+    from wan_pipeline.pipeline import Generation
+
+    plan = make_plan(get_preset("seed-832x1216-49f"), "synthetic")  # two steps per pass
+    run = CaseRun(plan, prepared=None)
+    stages = {"text_encode": 0.1, "image_encode": 1.2, "switch": 0.0, "pass1": 8.0, "pass2": 8.2, "decode": 1.9}
+    run.rounds = [Generation(None, None, dict(stages), {}) for _ in range(3)]
+    assert run.warmup_steady_seconds() == pytest.approx(0.1 + 1.2 + 4.0 + 4.1 + 1.9)
+    assert CaseRun(plan, prepared=None).warmup_steady_seconds() is None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .config import RunConfig, config_to_dict
 from .config import ordered_stages
 from .pipeline import Generation, Prepared, generate
-from .plan import Plan
+from .plan import Plan, warmup_plan
 
 
 @dataclass(frozen=True)
@@ -63,11 +63,12 @@ class CaseRun:
     graphs_after_rounds: int = 0
 
     def warm_up(self, count: int) -> None:
-        """Untimed generations before the rounds: lazy init, autotuning, and the compile, measured apart."""
+        """Untimed generations before the rounds: lazy init, autotuning, and the compile, measured apart. Each runs
+        the first step of every pass (plan.warmup_plan): the later steps repeat the same shapes and kernels."""
         graphs_start = _compiled_graph_count()
         for _ in range(count):
             start = time.perf_counter()
-            generate(self.prepared, self.plan)
+            generate(self.prepared, warmup_plan(self.plan))
             self.warmup_seconds.append(time.perf_counter() - start)
         self.graphs_before_rounds = _compiled_graph_count()
         self.graphs_in_warmup = self.graphs_before_rounds - graphs_start
@@ -95,6 +96,21 @@ class CaseRun:
         """The allocator's peak over every stage of every round (each stage resets the counter at its start)."""
         return max((max(g.peak_bytes.values(), default=0) for g in self.rounds), default=0)
 
+    def warmup_steady_seconds(self) -> float | None:
+        """What one warm-up generation takes once compiled: the rounds' stage medians, each pass scaled to the
+        warm-up's share of its steps. The first warm-up's excess over this is the compile (and other first-call
+        costs)."""
+        if not self.rounds:
+            return None
+        cut = warmup_plan(self.plan)
+        total = 0.0
+        for name, seconds in self.stage_medians.items():
+            index = int(name[4:]) - 1 if name.startswith("pass") and name[4:].isdigit() else None
+            if index is not None and index < len(self.plan.passes) and self.plan.passes[index].steps_run:
+                seconds *= cut.passes[index].steps_run / self.plan.passes[index].steps_run
+            total += seconds
+        return total
+
     @property
     def median_seconds(self) -> float:
         return statistics.median(g.total_seconds for g in self.rounds)
@@ -120,6 +136,7 @@ class CaseRun:
         median_total = self.median_seconds if self.rounds else None
         stages = self.stage_medians
         warm = self.warmup_seconds[0] if self.warmup_seconds else None
+        warm_steady = self.warmup_steady_seconds()
         from .distributed import sequence_parallel_info
 
         split = sequence_parallel_info(plan.config.sequence_parallel, peak_torch)  # a collective over the ranks
@@ -143,7 +160,8 @@ class CaseRun:
             "compile": {
                 "enabled": prepared.compile_enabled,
                 "warmup_seconds": warm,
-                "compile_seconds": (warm - median_total) if (prepared.compile_enabled and warm and median_total)
+                "warmup_steps_per_pass": 1,
+                "compile_seconds": (warm - warm_steady) if (prepared.compile_enabled and warm and warm_steady)
                 else None,
                 "graphs_compiled_in_warmup": self.graphs_in_warmup,
                 "recompiles": recompiles,

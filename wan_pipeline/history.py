@@ -52,11 +52,11 @@ _VOLATILE_MACHINE_KEYS = re.compile(
 # machine_info keys the environment fingerprint records too (kernel, python, system, driver): left to the fingerprint,
 # so that one upgrade is one line, not two.
 _FINGERPRINTED_MACHINE_KEYS = re.compile(r"^(release|python_version|python_implementation|system|machine|gpu\.driver)$")
-# extra_info keys that are measurements, not settings.
+# extra_info keys that are measurements (or details of the untimed warm-up), not settings of the timed rounds.
 _MEASURED_EXTRA_KEYS = re.compile(
     r"^(stages|peak_memory|gpu|throttled|env|metrics|metrics_meaningful|video|notes|load_seconds|effective_tflops"
     r"|stock_diffusers_seconds|speedup_vs_stock_diffusers|attention\.auto_timings|compile\.compile_seconds"
-    r"|compile\.warmup_seconds|compile\.graphs_compiled_in_warmup|compile\.recompiles|compile\.recompiled_during_rounds"
+    r"|compile\.warmup_seconds|compile\.warmup_steps_per_pass|compile\.graphs_compiled_in_warmup|compile\.recompiles|compile\.recompiled_during_rounds"
     r"|cosine_vs_bf16_sdpa|median_s|sequence_parallel\.(?!degree$|backend$)[^.]+)(\..*)?$"
 )
 

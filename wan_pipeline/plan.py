@@ -6,6 +6,7 @@ and (tiny mode) the reduced geometry the run actually uses. Pure functions; the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -115,6 +116,19 @@ def plan_pass(p: PassConfig) -> PassPlan:
         timesteps=tuple(float(t) for t in schedule.model_timesteps(calls)),
         forwards=steps * (2 if uses_cfg(p.cfg) else 1),
     )
+
+
+def warmup_plan(plan: Plan, steps_per_pass: int = 1) -> Plan:
+    """The plan cut to its first `steps_per_pass` steps in each pass. A warm-up meets every model, shape and kernel
+    of the run once (what compiling, autotuning and lazy init need) without the steps that only repeat them."""
+
+    def cut(p: PassPlan) -> PassPlan:
+        steps = min(p.steps_run, steps_per_pass)
+        per_step = p.forwards // p.steps_run if p.steps_run else 0
+        return dataclasses.replace(p, sigmas=p.sigmas[:steps + 1] if steps else p.sigmas, timesteps=p.timesteps[:steps],
+                                   forwards=steps * per_step)
+
+    return dataclasses.replace(plan, passes=tuple(cut(p) for p in plan.passes))
 
 
 def latent_frames(length: int) -> int:
