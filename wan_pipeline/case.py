@@ -160,7 +160,7 @@ class CaseRun:
             "compile": {
                 "enabled": prepared.compile_enabled,
                 "warmup_seconds": warm,
-                "warmup_steps_per_pass": 1,
+                "warmup_steps_per_pass": 1 if self.warmup_seconds else None,
                 "compile_seconds": (warm - warm_steady) if (prepared.compile_enabled and warm and warm_steady)
                 else None,
                 "graphs_compiled_in_warmup": self.graphs_in_warmup,
