@@ -62,11 +62,22 @@ def _flash_attn() -> Callable:
     return attend
 
 
+# cudnn-fp8: key/value sequences shorter than this (the 512 text tokens of the experts' cross-attention) run torch
+# SDPA in bf16. There the FP8 kernel's work is small and quantizing the 51k-token query costs more than it saves.
+FP8_MIN_KV_TOKENS = 2048
+FP8_SHORT_KV_NOTE = (f"key/value sequences under {FP8_MIN_KV_TOKENS} tokens (cross-attention over the text) run "
+                     f"torch SDPA in bf16")
+
+
 def _cudnn_fp8() -> Callable:
-    from .fp8_attention import fp8_sdpa
+    from . import fp8_attention
+
+    short_kv = _sdpa(None)
 
     def attend(q, k, v):  # diffusers' [batch, tokens, heads, head_dim] viewed as [batch, heads, tokens, head_dim]
-        return fp8_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        if k.shape[1] < FP8_MIN_KV_TOKENS:
+            return short_kv(q, k, v)
+        return fp8_attention.fp8_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
     return attend
 
@@ -233,9 +244,13 @@ class KernelChoice:
     kernel_names: tuple[str, ...]
     timings: dict  # auto: seconds per candidate at the probe shape
 
+    @property
+    def notes(self) -> list[str]:
+        return [FP8_SHORT_KV_NOTE] if self.backend == "cudnn-fp8" else []
+
     def to_json(self) -> dict:
         return {"requested": self.requested, "backend": self.backend, "kernel": self.kernel,
-                "kernel_names": list(self.kernel_names), "auto_timings": self.timings}
+                "kernel_names": list(self.kernel_names), "auto_timings": self.timings, "notes": self.notes}
 
 
 _CHOSEN: dict[tuple, tuple[AttentionKernel, KernelChoice]] = {}
