@@ -17,6 +17,9 @@ from .pipeline import Generation, Prepared, generate
 from .plan import Plan, warmup_plan
 
 
+WARMUP_STEPS_PER_PASS = 1  # a warm-up runs this many steps of each pass (plan.warmup_plan)
+
+
 @dataclass(frozen=True)
 class WanCase:
     """A benchmark configuration with its stable id (preset, attention, compile)."""
@@ -68,7 +71,7 @@ class CaseRun:
         graphs_start = _compiled_graph_count()
         for _ in range(count):
             start = time.perf_counter()
-            generate(self.prepared, warmup_plan(self.plan))
+            generate(self.prepared, warmup_plan(self.plan, WARMUP_STEPS_PER_PASS))
             self.warmup_seconds.append(time.perf_counter() - start)
         self.graphs_before_rounds = _compiled_graph_count()
         self.graphs_in_warmup = self.graphs_before_rounds - graphs_start
@@ -102,7 +105,7 @@ class CaseRun:
         costs)."""
         if not self.rounds:
             return None
-        cut = warmup_plan(self.plan)
+        cut = warmup_plan(self.plan, WARMUP_STEPS_PER_PASS)
         total = 0.0
         for name, seconds in self.stage_medians.items():
             index = int(name[4:]) - 1 if name.startswith("pass") and name[4:].isdigit() else None
@@ -160,7 +163,7 @@ class CaseRun:
             "compile": {
                 "enabled": prepared.compile_enabled,
                 "warmup_seconds": warm,
-                "warmup_steps_per_pass": 1 if self.warmup_seconds else None,
+                "warmup_steps_per_pass": WARMUP_STEPS_PER_PASS if self.warmup_seconds else None,
                 "compile_seconds": (warm - warm_steady) if (prepared.compile_enabled and warm and warm_steady)
                 else None,
                 "graphs_compiled_in_warmup": self.graphs_in_warmup,
