@@ -122,7 +122,7 @@ def test_cudnn_fp8_runs_fp8_over_long_key_sequences_and_bf16_sdpa_over_the_text(
     monkeypatch.setattr(fp8_attention, "fp8_sdpa", lambda q, k, v: calls.append(k.shape[2]) or torch.zeros_like(q))
     attend = attention._cudnn_fp8()
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 64, 2, 16, generator=g)
+    q = torch.randn(1, 1024, 2, 16, generator=g)
     text = [torch.randn(1, 512, 2, 16, generator=g) for _ in range(2)]
     expected = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), text[0].transpose(1, 2), text[1].transpose(1, 2)).transpose(1, 2)
@@ -130,5 +130,8 @@ def test_cudnn_fp8_runs_fp8_over_long_key_sequences_and_bf16_sdpa_over_the_text(
     long_kv = torch.randn(1, attention.FP8_MIN_KV_TOKENS, 2, 16, generator=g)
     attend(q, long_kv, long_kv)
     assert calls == [attention.FP8_MIN_KV_TOKENS]
+    attend(q[:, :64], q[:, :64], q[:, :64])  # self-attention stays FP8 however short
+    assert calls == [attention.FP8_MIN_KV_TOKENS, 64]
+    assert "notes" not in attention.KernelChoice("sdpa", "sdpa", "cudnn-attention", (), {}).to_json()
     choice = attention.KernelChoice("cudnn-fp8", "cudnn-fp8", "cudnn-fp8-attention", (), {})
     assert choice.to_json()["notes"] == [attention.FP8_SHORT_KV_NOTE]

@@ -39,6 +39,8 @@ def test_the_warmup_plan_is_the_first_step_of_every_pass_at_the_same_shapes():
         get_preset("seed-832x1216-49f").passes[0],
         dataclasses.replace(get_preset("seed-832x1216-49f").passes[1], start_at_step=4))), "synthetic")
     assert warmup_plan(idle).passes[1] == idle.passes[1]  # a pass that makes no step stays as it is
+    with pytest.raises(ValueError, match="at least one step"):
+        warmup_plan(plan, steps_per_pass=0)
 
 
 @pytest.mark.parametrize("name, frames, tokens", [

@@ -67,6 +67,15 @@ def test_model_set_loads_once_for_cases_that_share_it():
     assert len(loads) == 2 and len(cache.loads) == 2
 
 
+def test_warm_up_runs_once_per_shape_kernel_and_vae_split():
+    cache = ModelCache()
+    cfg = get_preset("seed-832x1216-49f")
+    assert cache.warm_up_needed(*cache.prepare(cfg, "tiny"))
+    assert not cache.warm_up_needed(*cache.prepare(get_preset("seed-832x1216-49f-cfg3.5"), "tiny"))  # same shapes
+    assert cache.warm_up_needed(*cache.prepare(cfg.replace(vae_bands=2), "tiny"))  # the VAE sees new shapes
+    assert cache.warm_up_needed(*cache.prepare(get_preset("seed-832x1216-81f"), "tiny"))
+
+
 def test_matrix_is_ordered_to_minimise_reloads(inner):
     result = inner.runpytest_subprocess(*TINY, "--collect-only", "-q", "--wan-preset",
                                         "seed-832x1216-49f,template-640x640-81f-20step,seed-832x1216-81f")

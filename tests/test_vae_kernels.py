@@ -59,6 +59,19 @@ def test_applying_the_same_settings_twice_changes_nothing_and_other_settings_sta
     vae_kernels.restore(vae)
 
 
+def test_only_norms_followed_by_silu_are_fused_and_restore_leaves_other_overrides_alone(vae):
+    vae_kernels.apply(vae, channels_last=False, fuse_norms=True, compiled=False)
+    norms = [m for m in vae.modules() if type(m).__name__ == "WanRMS_norm"]
+    attention_norms = [m for m in norms if m.gamma.dim() == 3]  # images=True: the mid-block attention's 4-D norm
+    assert attention_norms and not any("forward" in m.__dict__ for m in attention_norms)
+    assert all("forward" in m.__dict__ for m in norms if m.gamma.dim() == 4)
+    someone_elses = attention_norms[0]
+    someone_elses.forward = lambda x: x  # e.g. a hook another library set on a module apply() left alone
+    vae_kernels.restore(vae)
+    assert "forward" in someone_elses.__dict__
+    del someone_elses.forward
+
+
 def test_fused_norm_in_bf16_rounds_once_where_diffusers_rounds_three_times(vae):
     norm = next(m for m in vae.modules() if type(m).__name__ == "WanRMS_norm")
     g = torch.Generator().manual_seed(1)

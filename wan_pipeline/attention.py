@@ -62,11 +62,12 @@ def _flash_attn() -> Callable:
     return attend
 
 
-# cudnn-fp8: key/value sequences shorter than this (the 512 text tokens of the experts' cross-attention) run torch
-# SDPA in bf16. There the FP8 kernel's work is small and quantizing the 51k-token query costs more than it saves.
+# cudnn-fp8: cross-attention over fewer key/value tokens than this (the experts' 512 text tokens) runs torch SDPA in
+# bf16: there the FP8 kernel's work is small and quantizing the 51k-token query costs more than it saves (H100:
+# 3.63 ms in FP8 against 0.92 ms). Self-attention always runs FP8, however short.
 FP8_MIN_KV_TOKENS = 2048
-FP8_SHORT_KV_NOTE = (f"key/value sequences under {FP8_MIN_KV_TOKENS} tokens (cross-attention over the text) run "
-                     f"torch SDPA in bf16")
+FP8_SHORT_KV_NOTE = (f"cross-attention over fewer than {FP8_MIN_KV_TOKENS} key tokens (the text) runs torch SDPA in "
+                     f"bf16")
 
 
 def _cudnn_fp8() -> Callable:
@@ -75,7 +76,7 @@ def _cudnn_fp8() -> Callable:
     short_kv = _sdpa(None)
 
     def attend(q, k, v):  # diffusers' [batch, tokens, heads, head_dim] viewed as [batch, heads, tokens, head_dim]
-        if k.shape[1] < FP8_MIN_KV_TOKENS:
+        if k.shape[1] < min(q.shape[1], FP8_MIN_KV_TOKENS):  # cross-attention over a short text
             return short_kv(q, k, v)
         return fp8_attention.fp8_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
@@ -249,8 +250,11 @@ class KernelChoice:
         return [FP8_SHORT_KV_NOTE] if self.backend == "cudnn-fp8" else []
 
     def to_json(self) -> dict:
-        return {"requested": self.requested, "backend": self.backend, "kernel": self.kernel,
-                "kernel_names": list(self.kernel_names), "auto_timings": self.timings, "notes": self.notes}
+        record = {"requested": self.requested, "backend": self.backend, "kernel": self.kernel,
+                  "kernel_names": list(self.kernel_names), "auto_timings": self.timings}
+        if self.notes:  # only where there is something to say: an absent key is no setting change for compare
+            record["notes"] = self.notes
+        return record
 
 
 _CHOSEN: dict[tuple, tuple[AttentionKernel, KernelChoice]] = {}

@@ -42,12 +42,13 @@ class ModelCache:
         return plan, configure(self.current, plan)
 
     def warm_up_needed(self, plan: Plan, prepared: Prepared) -> bool:
-        """True the first time a shape, kernel, precision and compile setting runs on the resident set.
+        """True the first time a shape, kernel, precision, compile setting and VAE split runs on the resident set.
 
         Warm-up exists for lazy initialisation, kernel autotuning and compilation; a case that repeats all of them
         (a CFG variant of the same preset, say) finds them done and goes straight to its timed rounds.
         """
-        key = (plan.latent_shape, prepared.kernel.backend, plan.config.precision, prepared.compile_enabled)
+        bands = prepared.vae_bands.parts if prepared.vae_bands else 1  # bands give the VAE (and its compile) new shapes
+        key = (plan.latent_shape, prepared.kernel.backend, plan.config.precision, prepared.compile_enabled, bands)
         if key in self.warmed:
             return False
         self.warmed.add(key)

@@ -122,11 +122,15 @@ def warmup_plan(plan: Plan, steps_per_pass: int = 1) -> Plan:
     """The plan cut to its first `steps_per_pass` steps in each pass. A warm-up meets every model, shape and kernel
     of the run once (what compiling, autotuning and lazy init need) without the steps that only repeat them."""
 
+    if steps_per_pass < 1:
+        raise ValueError(f"a warm-up runs at least one step of each pass, got steps_per_pass={steps_per_pass}")
+
     def cut(p: PassPlan) -> PassPlan:
+        if not p.steps_run:
+            return p  # a pass that makes no step stays as it is
         steps = min(p.steps_run, steps_per_pass)
-        per_step = p.forwards // p.steps_run if p.steps_run else 0
-        return dataclasses.replace(p, sigmas=p.sigmas[:steps + 1] if steps else p.sigmas, timesteps=p.timesteps[:steps],
-                                   forwards=steps * per_step)
+        return dataclasses.replace(p, sigmas=p.sigmas[:steps + 1], timesteps=p.timesteps[:steps],
+                                   forwards=steps * (p.forwards // p.steps_run))
 
     return dataclasses.replace(plan, passes=tuple(cut(p) for p in plan.passes))
 

@@ -5,11 +5,13 @@ NCDHW into NDHWC and back around every convolution, each RMS norm was six float3
 activations, then SiLU, then a zero-padded copy before each causal convolution. Here:
 
 - convolution weights are kept channels-last, so cuDNN runs NDHWC end to end (the activations follow);
-- a causal convolution pads only time by hand; its spatial zero padding is the convolution's own;
+- a causal convolution pads only time by hand; its spatial zero padding is the convolution's own (the same
+  values up to the convolution algorithm's rounding);
 - nearest-neighbour upsampling runs in the activations' dtype (diffusers goes through float32; nearest copies
   values, so the result is the same);
-- with `fuse_norms` (compile on), each RMS norm and the SiLU after it are one kernel (torch.compile, dynamic
-  shapes), in float32 throughout with one rounding at the end.
+- with `fuse_norms` (compile on), each RMS norm that diffusers follows with SiLU and that SiLU are one kernel
+  (torch.compile, dynamic shapes), in float32 throughout with one rounding at the end. The mid-block attention's
+  norm (4-D, at the lowest resolution) stays diffusers'.
 
 Each change is set on the module instances and undone by `restore`, so the same VAE object can serve the stock
 diffusers pipeline unchanged. The patched forwards are the diffusers modules' computations, rearranged.
@@ -63,11 +65,11 @@ def _upsample_forward(upsample: nn.Upsample, x: torch.Tensor) -> torch.Tensor:
                          recompute_scale_factor=upsample.recompute_scale_factor)
 
 
-def _norm_forward(norm: nn.Module, x: torch.Tensor, silu: bool, compiled: bool) -> torch.Tensor:
+def _norm_silu_forward(norm: nn.Module, x: torch.Tensor, compiled: bool) -> torch.Tensor:
     fn = _compiled_rms_norm() if compiled else rms_norm
     # plain tensors, not Parameters: compile keeps parameter shapes static, which would pin the channel count
     bias = norm.bias.detach() if isinstance(norm.bias, torch.Tensor) else norm.bias
-    return fn(x, norm.gamma.detach(), norm.scale, bias, silu)
+    return fn(x, norm.gamma.detach(), norm.scale, bias, True)
 
 
 def apply(vae: nn.Module, *, channels_last: bool, fuse_norms: bool, compiled: bool = True) -> list[str]:
@@ -78,54 +80,57 @@ def apply(vae: nn.Module, *, channels_last: bool, fuse_norms: bool, compiled: bo
     if state is not None and state["settings"] == settings:
         return state["notes"]
     restore(vae)
-    done = []
-    patched = 0
+    forwards, silus, convs, done = [], [], [], []  # what restore() undoes, and only that
+
+    def override(module: nn.Module, forward) -> None:
+        module.forward = forward
+        forwards.append(module)
+
     for module in vae.modules():
         kind = type(module).__name__
         if kind == "WanCausalConv3d" and hasattr(module, "_padding"):
-            module.forward = functools.partial(_causal_conv_forward, module)
-            patched += 1
+            override(module, functools.partial(_causal_conv_forward, module))
         elif kind == "WanUpsample" and module.mode in ("nearest", "nearest-exact"):
-            module.forward = functools.partial(_upsample_forward, module)
-    if patched:
-        done.append(f"{patched} causal convolutions pad only time by hand")
+            override(module, functools.partial(_upsample_forward, module))
+    causal = sum(type(m).__name__ == "WanCausalConv3d" for m in forwards)
+    if causal:
+        done.append(f"{causal} causal convolutions pad only time by hand")
     if channels_last:
         for module in vae.modules():
-            if isinstance(module, nn.Conv3d):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
-            elif isinstance(module, nn.Conv2d):
-                module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last)
+            if isinstance(module, (nn.Conv2d, nn.Conv3d)):
+                fmt = torch.channels_last_3d if isinstance(module, nn.Conv3d) else torch.channels_last
+                module.weight.data = module.weight.data.contiguous(memory_format=fmt)
+                convs.append(module)
         done.append("convolutions channels-last")
-    if fuse_norms:
+    if fuse_norms:  # only the norms followed by SiLU: one compiled graph family (5-D, SiLU), few recompiles
         fused = 0
         for module in vae.modules():
             names = _NORMS_BEFORE_SILU.get(type(module).__name__, ())
             if names and isinstance(getattr(module, "nonlinearity", None), nn.SiLU):
                 for name in names:
                     norm = getattr(module, name)
-                    norm.forward = functools.partial(_norm_forward, norm, silu=True, compiled=compiled)
+                    override(norm, functools.partial(_norm_silu_forward, norm, compiled=compiled))
                     fused += 1
                 module.__dict__[_STOCK_NONLINEARITY] = module.nonlinearity  # kept, not registered as a child
                 module.nonlinearity = nn.Identity()
-        for module in vae.modules():
-            if type(module).__name__ == "WanRMS_norm" and "forward" not in module.__dict__:
-                module.forward = functools.partial(_norm_forward, module, silu=False, compiled=compiled)
+                silus.append(module)
         done.append(f"RMS norm fused with the SiLU after it in {fused} places"
                     + (" (torch.compile)" if compiled else ""))
     notes = [f"VAE: {'; '.join(done)}"] if done else []
-    vae.__dict__[_PATCHED] = {"settings": settings, "notes": notes}
+    vae.__dict__[_PATCHED] = {"settings": settings, "notes": notes, "forwards": forwards, "silus": silus,
+                              "convs": convs}
     return notes
 
 
 def restore(vae: nn.Module) -> None:
-    """diffusers' own forwards, SiLU modules and contiguous weights back (no-op on an untouched VAE)."""
+    """diffusers' own forwards, SiLU modules and contiguous weights back, on exactly the modules `apply` changed
+    (no-op on an untouched VAE)."""
     state = vae.__dict__.pop(_PATCHED, None)
     if state is None:
         return
-    for module in vae.modules():
+    for module in state["forwards"]:
         module.__dict__.pop("forward", None)
-        stock = module.__dict__.pop(_STOCK_NONLINEARITY, None)
-        if stock is not None:
-            module.nonlinearity = stock
-        if state["settings"]["channels_last"] and isinstance(module, (nn.Conv2d, nn.Conv3d)):
-            module.weight.data = module.weight.data.contiguous()
+    for module in state["silus"]:
+        module.nonlinearity = module.__dict__.pop(_STOCK_NONLINEARITY)
+    for module in state["convs"]:
+        module.weight.data = module.weight.data.contiguous()
