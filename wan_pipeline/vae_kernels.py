@@ -60,11 +60,6 @@ def _causal_conv_forward(conv: nn.Conv3d, x: torch.Tensor, cache_x: torch.Tensor
     return F.conv3d(x, conv.weight, conv.bias, conv.stride, (0, pad_h, pad_w), conv.dilation, conv.groups)
 
 
-def _upsample_forward(upsample: nn.Upsample, x: torch.Tensor) -> torch.Tensor:
-    return F.interpolate(x, upsample.size, upsample.scale_factor, upsample.mode, upsample.align_corners,
-                         recompute_scale_factor=upsample.recompute_scale_factor)
-
-
 def _norm_silu_forward(norm: nn.Module, x: torch.Tensor, compiled: bool) -> torch.Tensor:
     fn = _compiled_rms_norm() if compiled else rms_norm
     # plain tensors, not Parameters: compile keeps parameter shapes static, which would pin the channel count
@@ -91,7 +86,7 @@ def apply(vae: nn.Module, *, channels_last: bool, fuse_norms: bool, compiled: bo
         if kind == "WanCausalConv3d" and hasattr(module, "_padding"):
             override(module, functools.partial(_causal_conv_forward, module))
         elif kind == "WanUpsample" and module.mode in ("nearest", "nearest-exact"):
-            override(module, functools.partial(_upsample_forward, module))
+            override(module, functools.partial(nn.Upsample.forward, module))  # without WanUpsample's float32 trip
     causal = sum(type(m).__name__ == "WanCausalConv3d" for m in forwards)
     if causal:
         done.append(f"{causal} causal convolutions pad only time by hand")
