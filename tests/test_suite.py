@@ -74,6 +74,9 @@ def test_warm_up_runs_once_per_shape_kernel_and_vae_split():
     assert not cache.warm_up_needed(*cache.prepare(get_preset("seed-832x1216-49f-cfg3.5"), "tiny"))  # same shapes
     assert cache.warm_up_needed(*cache.prepare(cfg.replace(vae_bands=2), "tiny"))  # the VAE sees new shapes
     assert cache.warm_up_needed(*cache.prepare(get_preset("seed-832x1216-81f"), "tiny"))
+    plan, prepared = cache.prepare(get_preset("seed-832x1216-81f"), "tiny")
+    prepared.residency.policy = "offload-text-encoder"  # what a GPU too small for everything would choose
+    assert cache.warm_up_needed(plan, prepared)
 
 
 def test_matrix_is_ordered_to_minimise_reloads(inner):

@@ -42,13 +42,15 @@ class ModelCache:
         return plan, configure(self.current, plan)
 
     def warm_up_needed(self, plan: Plan, prepared: Prepared) -> bool:
-        """True the first time a shape, kernel, precision, compile setting and VAE split runs on the resident set.
+        """True the first time a shape, kernel, precision, compile setting, VAE split and residency policy runs on
+        the resident set (a new policy's first offload makes the model set's host copies: warm-up work).
 
         Warm-up exists for lazy initialisation, kernel autotuning and compilation; a case that repeats all of them
         (a CFG variant of the same preset, say) finds them done and goes straight to its timed rounds.
         """
         bands = prepared.vae_bands.parts if prepared.vae_bands else 1  # bands give the VAE (and its compile) new shapes
-        key = (plan.latent_shape, prepared.kernel.backend, plan.config.precision, prepared.compile_enabled, bands)
+        key = (plan.latent_shape, prepared.kernel.backend, plan.config.precision, prepared.compile_enabled, bands,
+               prepared.residency.policy)
         if key in self.warmed:
             return False
         self.warmed.add(key)

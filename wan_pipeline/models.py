@@ -162,6 +162,9 @@ class ModelSet:
     dtype: torch.dtype
     load_seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
+    # offloaded component -> its host copy by tensor name: made at the first offload (an untimed warm-up), kept
+    # for every later case on this set, since the weights never change
+    host_copies: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def device_name(self) -> str | None:
@@ -187,7 +190,6 @@ class Residency:
     def __init__(self, models: ModelSet, reserve_bytes: int, total_bytes: int | None = None, policy: str = "auto"):
         self.models = models
         self.device = models.device
-        self._host: dict[str, dict[str, torch.Tensor]] = {}  # offloaded component -> its host copy by tensor name
         self.sizes = {
             "text_encoder": parameter_bytes(models.text_encoder),
             "vae": parameter_bytes(models.vae),
@@ -240,18 +242,11 @@ class Residency:
             module.to(target, non_blocking=True)  # from pinned host memory: an asynchronous copy
 
     def _offload(self, name: str, module: torch.nn.Module) -> None:
-        """Point the module back at its host copy. Weights never change during a run, so the copy made at the first
-        offload (pinned, for fast copies back) is reused and later offloads move no data."""
-        host = self._host.get(name)
+        """Point the module back at its host copy. Weights never change, so the model set's copy made at the first
+        offload (pinned, for fast copies back) is reused by every case and later offloads move no data."""
+        host = self.models.host_copies.get(name)
         if host is None:
-            host = self._host[name] = {}
-            for key, tensor in _tensors(module):
-                copy = tensor.detach().to("cpu")
-                try:
-                    copy = copy.pin_memory()
-                except RuntimeError:  # no page-locked memory to spare: a plain host copy still works
-                    pass
-                host[key] = copy
+            host = self.models.host_copies[name] = {key: _host_copy(t) for key, t in _tensors(module)}
         for key, tensor in _tensors(module):
             tensor.data = host[key]
 
@@ -279,6 +274,14 @@ class Residency:
 
     def describe(self) -> dict:
         return {"policy": self.policy, "bytes": dict(self.sizes)}
+
+
+def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """One copy into page-locked host memory (a plain host copy when none can be pinned)."""
+    try:
+        return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor.detach())
+    except RuntimeError:  # no page-locked memory to spare, or no CUDA to pin with
+        return tensor.detach().to("cpu", copy=True)
 
 
 def _tensors(module: torch.nn.Module):
