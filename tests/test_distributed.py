@@ -150,6 +150,8 @@ def test_a_split_generation_is_compared_with_the_one_gpu_generation_of_the_same_
     latent = torch.randn(1, 16, 3, 4, 4)
     frames = np.full((9, 8, 8, 3), 100, np.uint8)
     assert compare_with_single_gpu(case("seed-832x1216-49f", 1), Gen(latent, frames), store) is None
+    kept = store["seed-832x1216-49f-sdpa-fp8-scaled-mm-compile0"][1]
+    assert kept.base is None and len(kept) == 3  # every 4th frame, owned: the whole clip is not kept alive
     split = Gen(latent * 1.0001, frames + np.eye(8, dtype=np.uint8)[None, :, :, None])
     result = compare_with_single_gpu(case("seed-832x1216-49f", 2), split, store)
     assert result["single_gpu_case"] == "seed-832x1216-49f-sdpa-fp8-scaled-mm-compile0"

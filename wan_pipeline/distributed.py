@@ -306,7 +306,7 @@ def compare_with_single_gpu(case, generation, store: dict) -> dict | None:
     decoded frames."""
     frames = generation.frames[::FRAME_SAMPLE_STRIDE]
     if case.config.sequence_parallel <= 1:
-        store[case.id] = (generation.latent, frames)
+        store[case.id] = (generation.latent, frames.copy())  # a copy: a strided view would keep every frame alive
         return None
     single = store.get(case.single_gpu_id)
     if single is None:

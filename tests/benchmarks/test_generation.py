@@ -34,7 +34,9 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
     if primary and video:
         video = write_video(last.frames, video, plan.config.fps)
     info = run.extra_info(load_seconds=load_seconds, metrics=metrics, video=str(video) if video else None)
-    matches = compare_with_single_gpu(wan_case, last, wan_single_gpu_outputs)
+    # only a --wan-sp session has split cases to compare; without one nothing is kept for the session
+    matches = compare_with_single_gpu(wan_case, last, wan_single_gpu_outputs) if wan_options.sequence_parallel > 1 \
+        else None
     if matches:
         info["sequence_parallel"].update(matches)
         wan_report.append(f"{wan_case.id}: final latents vs one GPU cosine {matches['latent_cosine_vs_single_gpu']}, "
