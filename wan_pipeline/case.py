@@ -95,9 +95,15 @@ class CaseRun:
         return {n: statistics.median(g.seconds.get(n, 0.0) for g in self.rounds) for n in names}
 
     @property
+    def stage_peaks(self) -> dict[str, int]:
+        """Each stage's allocator peak over the rounds (each stage resets the counter at its start)."""
+        return {name: max(g.peak_bytes.get(name, 0) for g in self.rounds)
+                for name in ordered_stages(*(g.peak_bytes for g in self.rounds))}
+
+    @property
     def peak_bytes(self) -> int:
-        """The allocator's peak over every stage of every round (each stage resets the counter at its start)."""
-        return max((max(g.peak_bytes.values(), default=0) for g in self.rounds), default=0)
+        """The allocator's peak over every stage of every round."""
+        return max(self.stage_peaks.values(), default=0)
 
     def warmup_steady_seconds(self) -> float | None:
         """What one warm-up generation takes once compiled: the rounds' stage medians, each pass scaled to the
@@ -106,13 +112,9 @@ class CaseRun:
         if not self.rounds:
             return None
         cut = warmup_plan(self.plan, WARMUP_STEPS_PER_PASS)
-        total = 0.0
-        for name, seconds in self.stage_medians.items():
-            index = int(name[4:]) - 1 if name.startswith("pass") and name[4:].isdigit() else None
-            if index is not None and index < len(self.plan.passes) and self.plan.passes[index].steps_run:
-                seconds *= cut.passes[index].steps_run / self.plan.passes[index].steps_run
-            total += seconds
-        return total
+        share = {f"pass{i}": short.steps_run / full.steps_run  # generate() times pass i as stage "pass{i}"
+                 for i, (full, short) in enumerate(zip(self.plan.passes, cut.passes), 1) if full.steps_run}
+        return sum(seconds * share.get(name, 1.0) for name, seconds in self.stage_medians.items())
 
     @property
     def median_seconds(self) -> float:
@@ -128,9 +130,8 @@ class CaseRun:
 
         plan, prepared = self.plan, self.prepared
         device = prepared.models.device
-        peak_torch = self.peak_bytes
-        stage_peaks = {name: max(g.peak_bytes.get(name, 0) for g in self.rounds)
-                       for name in ordered_stages(*(g.peak_bytes for g in self.rounds))}
+        stage_peaks = self.stage_peaks
+        peak_torch = max(stage_peaks.values(), default=0)
         nvml_used = (self.gpu_after or {}).get("memory_used_bytes")
         throttled = self.throttle_reasons() if device.type == "cuda" else []
         if throttled:
