@@ -67,7 +67,7 @@ class Fp8Linear(nn.Module):
             xq = x2.clamp(-FP8_MAX, FP8_MAX).to(FP8)
         else:
             scale_a = self.input_scale
-            xq = (x2.float() / scale_a).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            xq = quantize_fp8(x2, scale_a)
         out = torch._scaled_mm(xq, self.weight.t(), scale_a=scale_a, scale_b=self.weight_scale, bias=self.bias,
                                out_dtype=self.compute_dtype, use_fast_accum=self.fast_accum)
         return out.reshape(*shape[:-1], self.out_features)
