@@ -280,21 +280,25 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(min(PSNR_CAP_DB, 10.0 * math.log10(255.0 ** 2 / mse)))
 
 
+def _pair_ssim(f0: np.ndarray, ref: np.ndarray) -> float:
+    k = ssim_scale(*f0.shape[:2])
+    return _ssim(_ssim_plane(f0, k), _ssim_plane(ref, k))
+
+
 def _first_frame_scores(frames: np.ndarray, image: np.ndarray) -> tuple[float, float]:
     """(SSIM, PSNR) of frame 0 against the input image as the pipeline resizes it (resized once for both)."""
     f0, ref = _first_frame_pair(frames, image)
-    k = ssim_scale(*f0.shape[:2])
-    return _ssim(_ssim_plane(f0, k), _ssim_plane(ref, k)), psnr(f0, ref)
+    return _pair_ssim(f0, ref), psnr(f0, ref)
 
 
 def first_frame_ssim(frames: np.ndarray, image: np.ndarray) -> float:
     """SSIM of frame 0 against the input image as the pipeline resizes it."""
-    return _first_frame_scores(frames, image)[0]
+    return _pair_ssim(*_first_frame_pair(frames, image))
 
 
 def first_frame_psnr(frames: np.ndarray, image: np.ndarray) -> float:
     """PSNR (dB, RGB) of frame 0 against the input image as the pipeline resizes it."""
-    return _first_frame_scores(frames, image)[1]
+    return psnr(*_first_frame_pair(frames, image))
 
 
 # --------------------------------------------------------------------------------------------------- all

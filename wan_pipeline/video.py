@@ -213,8 +213,6 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: float) -> Path
         with atomic_target(path, suffix=f".tmp{suffix}") as tmp:  # the writers pick the format from the suffix
             writer(frames, tmp, fps)
     except (OSError, RuntimeError) as exc:
-        if isinstance(exc, WanBenchError):
-            raise
         raise VideoWriteError(f"{path}: writing failed ({exc})") from exc
     return path
 
