@@ -292,8 +292,8 @@ def _tensors(module: torch.nn.Module):
 def working_memory_estimate(tokens: int, width: int, height: int, inner_dim: int = 5120, vae_bands: int = 1) -> int:
     """Bytes a run needs beyond the weights: the larger of a transformer forward's activations and the VAE.
 
-    VAE encode/decode of 49 x 1216 x 832 in bf16 peaks near 12 GiB (REFERENCE §4, H100: 11.5 GB for decode; wan-bench
-    read +10.9 GiB for the decode stage on an H100)
+    VAE encode/decode of 49 x 1216 x 832 in bf16 peaks near 12 GiB (REFERENCE §4, H100: 11.5 GB for decode; an uncompiled
+    wan-bench run printed +10.9 GiB for the decode stage on an H100, before the VAE kernels)
     and scales with the frame area; a block's activations are about a dozen bf16 copies of the hidden states.
     3 GiB margin for the allocator and the text encoder's activations.
     """
