@@ -195,7 +195,7 @@ def two_pass(
         expert="high",
         model_file=HIGH_NOISE_MODEL,
         lora_file=HIGH_NOISE_LORA if lora else None,
-        lora_strength=lora_strength if lora else 0.0,
+        lora_strength=lora_strength,  # no file: PassConfig makes it 0
         shift=shift_high,
         steps=steps,
         start_at_step=0,
@@ -208,7 +208,7 @@ def two_pass(
         expert="low",
         model_file=LOW_NOISE_MODEL,
         lora_file=LOW_NOISE_LORA if lora else None,
-        lora_strength=lora_strength if lora else 0.0,
+        lora_strength=lora_strength,  # no file: PassConfig makes it 0
         shift=shift_low,
         steps=steps,
         start_at_step=split,

@@ -52,9 +52,14 @@ def cp_backend(attention: str) -> str:
     return CP_BACKENDS[attention]
 
 
-def worker_command(degree: int, args: list[str]) -> list[str]:
+def torchrun_command(degree: int, module: str, args: list[str], *torchrun_options: str) -> list[str]:
+    """`python -m torch.distributed.run` on this host with `degree` ranks, each running `python -m module args`."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={degree}",
-            "-m", "wan_pipeline.distributed", *args]
+            *torchrun_options, "-m", module, *args]
+
+
+def worker_command(degree: int, args: list[str]) -> list[str]:
+    return torchrun_command(degree, "wan_pipeline.distributed", args)
 
 
 def launch(degree: int, args: list[str], log: Path, timeout: float = LAUNCH_TIMEOUT_S) -> None:
@@ -100,17 +105,13 @@ def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str
     single, parallel = records[1], records[degree]
     latents = {n: torch.load(out / f"{preset}-{mode}-gpus{n}.latent.pt") for n in records}
     frames = {n: np.load(out / f"{preset}-{mode}-gpus{n}.frames.npy") for n in records}
-    from .metrics import psnr
-    from .reference import cosine
-
     summary = {
         "preset": preset, "mode": mode, "degree": degree, "precision": precision, "attention": attention,
         "single_gpu_seconds": single["median_seconds"], "parallel_seconds": parallel["median_seconds"],
         **scaling(single["median_seconds"], parallel["median_seconds"], degree),
         "per_rank_peak_memory_bytes": parallel["per_rank_peak_memory_bytes"],
         "single_gpu_peak_memory_bytes": single["per_rank_peak_memory_bytes"],
-        "latent_cosine_vs_single_gpu": cosine(latents[degree], latents[1]),
-        "frames_psnr_vs_single_gpu_db": psnr(frames[degree], frames[1]),
+        **match_single_gpu(latents[degree], frames[degree], latents[1], frames[1]),
         "stages_single": single["stages"], "stages_parallel": parallel["stages"],
     }
     atomic_write_json(out / f"{preset}-{mode}-sequence-parallel-{degree}.json", summary)
@@ -217,8 +218,7 @@ def is_primary_rank() -> bool:
 
 def torchrun_pytest_command(degree: int, args: list[str], log_dir: Path) -> list[str]:
     """The user's pytest command under torchrun: N ranks, rank 0 on the console, every rank's log in `log_dir`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={degree}",
-            f"--log-dir={log_dir}", "--tee=3", "--local-ranks-filter=0", "-m", "pytest", *args]
+    return torchrun_command(degree, "pytest", args, f"--log-dir={log_dir}", "--tee=3", "--local-ranks-filter=0")
 
 
 def relaunch_pytest(config, degree: int) -> int:
@@ -300,6 +300,15 @@ def sequence_parallel_info(degree: int, peak_bytes: int) -> dict | None:
     return {"degree": degree, "backend": "ulysses", "per_rank_peak_memory_bytes": gather_peaks(peak_bytes)}
 
 
+def match_single_gpu(latent, frames, single_latent, single_frames) -> dict:
+    """How close a split generation is to the one-GPU one: cosine of the final latents, PSNR of the sampled frames."""
+    from .metrics import psnr
+    from .reference import cosine
+
+    return {"latent_cosine_vs_single_gpu": cosine(latent, single_latent),
+            "frames_psnr_vs_single_gpu_db": psnr(frames, single_frames)}
+
+
 def compare_with_single_gpu(case, generation, store: dict) -> dict | None:
     """The split generation's output against the one-GPU generation of the same configuration in this session
     (kept in `store` when the one-GPU case runs): which case that is, cosine of the final latents, PSNR of the
@@ -312,11 +321,7 @@ def compare_with_single_gpu(case, generation, store: dict) -> dict | None:
     if single is None:
         return {"single_gpu_case": case.single_gpu_id, "latent_cosine_vs_single_gpu": None,
                 "frames_psnr_vs_single_gpu_db": None}
-    from .metrics import psnr
-    from .reference import cosine
-
-    return {"single_gpu_case": case.single_gpu_id, "latent_cosine_vs_single_gpu": cosine(generation.latent, single[0]),
-            "frames_psnr_vs_single_gpu_db": psnr(frames, single[1])}
+    return {"single_gpu_case": case.single_gpu_id, **match_single_gpu(generation.latent, frames, *single)}
 
 
 def add_scaling_to_json(benchmarks: list[dict]) -> list[str]:
