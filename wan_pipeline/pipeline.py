@@ -96,8 +96,12 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
         from .distributed import enable_sequence_parallel
 
         vae_bands = enable_sequence_parallel(models, plan.config.sequence_parallel, plan.config.attention)
+        from .distributed import cp_backend
+
         notes.append(f"Ulysses sequence parallelism over {vae_bands.parts} ranks; the VAE split into "
-                     f"{vae_bands.parts} bands of rows, one per rank (halo {vae_bands.halo} latent rows)")
+                     f"{vae_bands.parts} bands of rows, one per rank (halo {vae_bands.halo} latent rows); attention "
+                     f"runs diffusers' context-parallel backend {cp_backend(plan.config.attention)!r} on each rank's "
+                     f"share: the kernel recorded was profiled on one GPU at the full sequence")
     elif plan.config.vae_bands > 1:
         from .vae_split import VaeBands
 
