@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from wan_pipeline.distributed import check_degree, scaling
+from wan_pipeline.distributed import check_degree, check_sequence_parallel, scaling
 from wan_pipeline.errors import WanBenchError
 
 pytest_plugins = ["pytester"]
@@ -21,6 +21,13 @@ def test_degree_must_divide_the_heads_and_fit_the_host():
         check_degree(3, heads=40, available=8)
     with pytest.raises(WanBenchError, match="at least 1"):
         check_degree(0, heads=40, available=8)
+
+
+def test_both_launchers_check_the_degree_against_the_experts_of_the_mode():
+    check_sequence_parallel(2, "tiny", available=2)  # tiny: 2 heads
+    with pytest.raises(WanBenchError, match="does not divide the 2 attention heads"):
+        check_sequence_parallel(4, "tiny", available=8)
+    check_sequence_parallel(4, "synthetic", available=8)  # A14B: 40 heads
 
 
 def test_scaling_is_speedup_over_degree():

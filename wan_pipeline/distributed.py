@@ -44,6 +44,13 @@ def scaling(single_seconds: float, parallel_seconds: float, degree: int) -> dict
     return {"speedup": round(speedup, 3), "efficiency": round(speedup / degree, 3)}
 
 
+def check_sequence_parallel(degree: int, mode: str, available: int) -> None:
+    """check_degree for the experts of `mode` (tiny has its own head count) over `available` devices."""
+    from .models import A14B_TRANSFORMER, TINY_TRANSFORMER
+
+    check_degree(degree, (TINY_TRANSFORMER if mode == "tiny" else A14B_TRANSFORMER)["num_attention_heads"], available)
+
+
 def cp_backend(attention: str) -> str:
     """The diffusers context-parallel backend for one of our attention names (Ulysses needs diffusers' own)."""
     if attention not in CP_BACKENDS:
@@ -87,12 +94,9 @@ def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str
     import numpy as np
     import torch
 
-    from .models import A14B_TRANSFORMER, TINY_TRANSFORMER
     from .history import atomic_write_json
 
-    heads = (TINY_TRANSFORMER if mode == "tiny" else A14B_TRANSFORMER)["num_attention_heads"]
-    available = torch.cuda.device_count() if mode != "tiny" else max(degree, 1)
-    check_degree(degree, heads, available)
+    check_sequence_parallel(degree, mode, max(degree, 1) if mode == "tiny" else torch.cuda.device_count())
     cp_backend(attention)  # before any rank starts
     out = Path(out_dir)
     records = {}
@@ -226,10 +230,9 @@ def relaunch_pytest(config, degree: int) -> int:
     a failure, the whole process group goes: no rank is left behind."""
     import torch
 
-    from .models import A14B_TRANSFORMER
-
-    check_degree(degree, A14B_TRANSFORMER["num_attention_heads"], torch.cuda.device_count())
     from .pytest_plugin import read_options
+
+    check_sequence_parallel(degree, read_options(config).mode, torch.cuda.device_count())  # one GPU per rank
 
     out = Path(config.invocation_params.dir) / read_options(config).out
     log_dir = out / "sequence-parallel" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
