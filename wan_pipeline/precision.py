@@ -98,6 +98,28 @@ def check_fp8_matmul(device: torch.device, precision: str = "fp8-scaled-mm") -> 
         )
 
 
+def _swap_for_fp8(root: nn.Module, name: str, dtype: torch.dtype, matmul: bool, fast_accum: bool = False,
+                  file_scale: torch.Tensor | None = None) -> None:
+    """Replace `root`'s Linear `name` with an Fp8Linear. A weight already stored in fp8 with its file scale (an
+    fp8_scaled file) keeps both; a weight loaded from an fp8 file into the compute dtype goes back to its file values
+    with `file_scale` (dequantized then divided: the rounding is far below fp8's spacing); others are quantized per
+    tensor."""
+    linear = root.get_submodule(name)
+    weight = linear.weight.data
+    stored_scale = getattr(linear, "weight_scale", None)
+    if weight.dtype == FP8 and stored_scale is not None:
+        wq, scale = weight, stored_scale
+    elif file_scale is not None:
+        scale = file_scale.float().reshape(()).to(weight.device)
+        wq = quantize_fp8(weight, scale)
+    else:
+        wq, scale = quantize_per_tensor(weight)
+    bias = None if linear.bias is None else linear.bias.data
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr,
+            Fp8Linear(wq, scale, bias, dtype, matmul, getattr(linear, "input_scale", None), fast_accum))
+
+
 def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
                     run_on: torch.device | None = None) -> list[str]:
     """Swap the transformer blocks' Linear layers for Fp8Linear when an fp8 mode is asked for.
@@ -118,21 +140,9 @@ def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
         raise WanBenchError(f"precision {precision}: {type(transformer).__name__} has no transformer blocks")
     swapped = 0
     for block in blocks:
-        for name, child in list(block.named_modules()):
-            if isinstance(child, nn.Linear):
-                weight = child.weight.data
-                file_scale = getattr(child, "weight_scale", None)
-                if weight.dtype == FP8 and file_scale is not None:
-                    wq, scale = weight, file_scale
-                else:
-                    wq, scale = quantize_per_tensor(weight)
-                bias = None if child.bias is None else child.bias.data
-                new = Fp8Linear(wq, scale, bias, dtype, matmul, getattr(child, "input_scale", None), fast_accum)
-                parent_name, _, attr = name.rpartition(".")
-                parent = block.get_submodule(parent_name) if parent_name else block
-                setattr(parent, attr, new)
-                del child, weight
-                swapped += 1
+        for name in [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]:
+            _swap_for_fp8(block, name, dtype, matmul, fast_accum)
+            swapped += 1
     if device.type == "cuda":
         torch.cuda.empty_cache()
     kind = "fp8 storage upcast per layer"
@@ -145,25 +155,16 @@ def store_text_encoder_fp8(text_encoder: nn.Module, dtype: torch.dtype,
                            file_scales: dict[str, torch.Tensor] | None = None) -> list[str]:
     """UMT5's block Linear layers in fp8 storage, upcast per layer: how ComfyUI runs umt5_xxl_fp8_e4m3fn_scaled, the
     text encoder of the Wan 2.2 templates. A weight loaded from an fp8 file goes back to its file values with its
-    file scale (dequantized then divided: the rounding is far below fp8's spacing); others are quantized per tensor.
+    file scale; others are quantized per tensor (_swap_for_fp8).
 
     The feed-forward output projections (`wo`) stay in the compute dtype: transformers' UMT5 casts its hidden states
     to `wo`'s weight dtype, which would push activations through fp8.
     """
-    swapped = 0
-    for name, child in list(text_encoder.named_modules()):
-        if not isinstance(child, nn.Linear) or ".block." not in f".{name}" or name.endswith(".wo"):
-            continue
-        file_scale = (file_scales or {}).get(f"{name}.weight")
-        if file_scale is not None:
-            scale = file_scale.float().reshape(()).to(child.weight.device)
-            wq = quantize_fp8(child.weight.data, scale)
-        else:
-            wq, scale = quantize_per_tensor(child.weight.data)
-        bias = None if child.bias is None else child.bias.data
-        parent_name, _, attr = name.rpartition(".")
-        setattr(text_encoder.get_submodule(parent_name), attr, Fp8Linear(wq, scale, bias, dtype, matmul=False))
-        swapped += 1
+    names = [n for n, m in text_encoder.named_modules()
+             if isinstance(m, nn.Linear) and ".block." in f".{n}" and not n.endswith(".wo")]
+    for name in names:
+        _swap_for_fp8(text_encoder, name, dtype, matmul=False, file_scale=(file_scales or {}).get(f"{name}.weight"))
+    swapped = len(names)
     if swapped and next(text_encoder.parameters()).is_cuda:
         torch.cuda.empty_cache()
     return [f"text encoder: {swapped} block Linear layers in fp8 storage, upcast per layer (as ComfyUI runs "
