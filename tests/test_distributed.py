@@ -103,7 +103,23 @@ def test_the_sp_session_is_the_users_pytest_command_under_torchrun(tmp_path):
     assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                             f"--log-dir={tmp_path}"]
     assert "--local-ranks-filter=0" in command  # rank 0 on the console, every rank in its log file
-    assert command[-5:] == ["pytest", "tests/benchmarks", "--wan-sp", "2", "--benchmark-json=o.json"]
+    # the one rank entry point, as for `wan-bench run --gpus`, running the user's pytest arguments
+    assert command[-7:] == ["-m", "wan_pipeline.launch.rank", "pytest", "tests/benchmarks", "--wan-sp", "2",
+                            "--benchmark-json=o.json"]
+
+
+def test_ranks_other_than_0_run_the_session_without_its_result_files():
+    from wan_pipeline.launch.shards import worker_args
+
+    args = ["tests/benchmarks", "--wan-sp", "2", "--benchmark-json=o.json", "--benchmark-autosave", "--junitxml",
+            "r.xml", "-o", "addopts="]
+    assert worker_args(args) == ["tests/benchmarks", "--wan-sp", "2", "-o", "addopts="]
+
+
+def test_the_rank_entry_point_names_its_commands():
+    from wan_pipeline.launch.rank import main
+
+    assert main([]) == 2 and main(["train"]) == 2
 
 
 def test_a_split_configuration_outside_torchrun_says_how_to_start_one():
@@ -115,18 +131,20 @@ def test_a_split_configuration_outside_torchrun_says_how_to_start_one():
 
 
 def test_a_rank_of_the_wrong_world_size_is_refused(monkeypatch):
-    from wan_pipeline.launch.rank import start_rank
+    from wan_pipeline.launch.rank import check_world_size
 
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(WanBenchError, match="--wan-sp 2 runs 2 ranks, this torchrun started 3"):
-        start_rank(None, 2)
+    with pytest.raises(WanBenchError, match="sequence parallel degree 2 runs 2 ranks, this torchrun started 3"):
+        check_world_size(2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    check_world_size(2)
 
 
 @pytest.mark.parametrize("extra, message", [
     ([], "ERROR: --wan-sp 2: --gpus 2 asks for more GPUs than this host has (0 visible)"),
     (["--wan-gpus", "2"], "ERROR: --wan-sp splits each generation over the GPUs and --wan-gpus spreads the cases over "
                           "them: choose one"),
-    (["--wan-sp", "x"], "ERROR: --wan-sp must be an integer, got 'x'"),
+    (["--wan-sp", "x"], "*error: argument --wan-sp: must be an integer, got 'x'"),
 ])
 def test_sp_usage_errors_start_nothing(pytester, monkeypatch, extra, message):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from pytest_benchmark.utils import get_machine_id
 
 from wan_pipeline.plan.presets import get_preset
 from wan_pipeline.run.cache import ModelCache
@@ -13,7 +14,7 @@ from wan_pipeline.run.cache import ModelCache
 pytest_plugins = ["pytester"]
 
 BENCHMARK_TEST = Path(__file__).parent / "benchmarks" / "test_generation.py"
-TINY = ["-p", "no:cacheprovider", "--wan-mode", "tiny", "--wan-rounds", "2", "--wan-warmup", "0"]
+TINY = ["-p", "no:cacheprovider", "--wan-mode", "tiny", "--benchmark-min-rounds", "2", "--wan-warmup", "0"]
 
 
 @pytest.fixture
@@ -121,22 +122,46 @@ def test_autosave_goes_to_a_folder_per_gpu_model(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-autosave",
                                            "--benchmark-storage", str(pytester.path / "store"))
     result.assert_outcomes(passed=1)
-    saved = list((pytester.path / "store").glob("*/*.json"))
-    assert len(saved) == 1 and saved[0].parent.name.endswith("-cpu")
+    # <storage>/<gpu slug>/<pytest-benchmark's machine id>/NNNN_*.json: --benchmark-compare loads from the same folder
+    saved = list((pytester.path / "store").rglob("*.json"))
+    assert len(saved) == 1 and saved[0].parent.parent == pytester.path / "store" / "cpu"
+    assert saved[0].parent.name == get_machine_id() and saved[0].name.startswith("0001_")
     assert "data" in json.loads(saved[0].read_text())["benchmarks"][0]["stats"]  # rounds kept for compare
 
 
-def test_bad_option_values_are_usage_errors(inner):
+def test_bad_option_values_are_usage_errors(inner, monkeypatch):
     result = inner.runpytest_subprocess(*TINY, "--wan-preset", "no-such-preset", "--collect-only")
-    assert result.ret != 0
-    result.stderr.fnmatch_lines(["*unknown preset 'no-such-preset'*"])
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*error: argument --wan-preset: unknown preset 'no-such-preset'*"])
     result = inner.runpytest_subprocess(*TINY, "--wan-attention", "xformers", "--collect-only")
-    assert result.ret != 0
-    assert "ERROR: --wan-attention: unknown value(s) ['xformers']" in result.stderr.str()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "error: argument --wan-attention: unknown value(s) ['xformers']" in result.stderr.str()
     result = inner.runpytest_subprocess(*TINY, "--wan-residency", "swap", "--collect-only")
-    assert "ERROR: --wan-residency: unknown value 'swap'; choose from ('auto', 'resident'" in result.stderr.str()
+    assert "error: argument --wan-residency: unknown value 'swap'; choose from ('auto', 'resident'" \
+        in result.stderr.str()
     result = inner.runpytest_subprocess(*TINY, "--wan-video", "gif", "--collect-only")
-    assert "ERROR: --wan-video: unknown value 'gif'; choose from ('auto', 'mp4', 'webp', 'none')" in result.stderr.str()
+    assert "error: argument --wan-video: unknown value 'gif'; choose from ('auto', 'mp4', 'webp', 'none')" \
+        in result.stderr.str()
+    # an environment variable is the option's default: a bad value is the same usage error, before anything runs
+    monkeypatch.setenv("WAN_VAE_BANDS", "0")
+    result = inner.runpytest_subprocess(*TINY, "--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "error: argument --wan-vae-bands: must be at least 1, got 0" in result.stderr.str()
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_rounds_are_pytest_benchmarks_min_rounds_and_wan_rounds_sets_them(pytester, monkeypatch):
+    pytester.makepyfile("def test_x(wan_options, pytestconfig):\n"
+                        "    print('ROUNDS', wan_options.rounds, pytestconfig.getoption('benchmark_min_rounds'))\n")
+    monkeypatch.delenv("WAN_ROUNDS", raising=False)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s").stdout.fnmatch_lines(["*ROUNDS 5 5"])
+    monkeypatch.setenv("WAN_ROUNDS", "3")
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s").stdout.fnmatch_lines(["*ROUNDS 3 3"])
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--benchmark-min-rounds", "4")
+    result.stdout.fnmatch_lines(["*ROUNDS 4 4"])  # the command line wins over the environment
+    monkeypatch.setenv("WAN_ROUNDS", "many")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR and "--benchmark-min-rounds" in result.stderr.str()
 
 
 def test_two_autosaves_in_one_folder_get_their_own_numbers(pytester):
@@ -145,9 +170,15 @@ def test_two_autosaves_in_one_folder_get_their_own_numbers(pytester):
     for _ in range(2):
         pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-autosave",
                                       "--benchmark-storage", str(store)).assert_outcomes(passed=1)
-    names = sorted(p.name[:5] for p in store.glob("*/*.json"))
+    # --benchmark-compare loads from the same per-GPU folder, through pytest-benchmark's own loading
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-compare",
+                                           "--benchmark-storage", str(store))
+    result.assert_outcomes(passed=1)
+    text = result.stdout.str() + result.stderr.str()
+    assert "Comparing against benchmarks from: " + f"{get_machine_id()}/0002_" in text, text
+    names = sorted(p.name[:5] for p in store.glob("cpu/*/*.json"))
     assert names == ["0001_", "0002_"]
-    assert not list(store.glob("*/.*.tmp"))
+    assert not list(store.rglob(".*.tmp"))
 
 
 def test_workflow_option_benchmarks_the_workflow_and_its_variants(inner):
@@ -167,3 +198,43 @@ def test_synthetic_runs_write_no_clip_and_no_metrics_unless_asked():
     assert clip_format("webp", "synthetic") == "webp" and clip_format("none", "real") is None
     assert not quality_metrics_wanted("synthetic")
     assert quality_metrics_wanted("real") and quality_metrics_wanted("tiny")
+
+
+def test_generations_are_linked_to_their_stock_reference_by_key_not_by_name():
+    from types import SimpleNamespace
+
+    from wan_pipeline.suite.cases import References, add_stock_speedups, build_cases, stock_cases
+    from wan_pipeline.suite.options import WanOptions
+
+    options = WanOptions(mode="tiny", models_dir=None, presets=("seed-832x1216-49f", "template-640x640-81f-20step"),
+                         budgets=None, out=Path("out"), attention=("sdpa",), precision=("bf16", "fp16"),
+                         compile=(False,), rounds=5, warmup=1, workflow=None)
+    cases = build_cases(options)
+    stock = stock_cases(cases)
+    assert sorted(c.reference for c in stock) == sorted({c.reference for c in cases})  # one reference per key
+    assert all(c.reference for c in cases)
+
+    def item(test, param, case, **marker):
+        return SimpleNamespace(nodeid=f"t.py::{test}[{case.id}]", callspec=SimpleNamespace(params={param: case}),
+                               get_closest_marker=lambda name: SimpleNamespace(kwargs=marker))
+
+    seed = [c for c in cases if c.config.name == "seed-832x1216-49f"]
+    seed_stock = [c for c in stock if c.reference == seed[0].reference][0]
+    refs = References()
+    items = [item("test_generation", "wan_case", c, measured_against_reference=True) for c in seed]
+    items += [item("renamed_forward_test", "wan_case", seed[0]),  # measured, but not against the stock pipeline
+              item("any_name_at_all", "wan_stock_case", seed_stock, reference=True)]
+    for it in items:
+        refs.add(it)
+
+    def bench(it, median):
+        return {"name": it.nodeid.split("::")[1], "fullname": it.nodeid, "stats": {"median": median},
+                "extra_info": {}}
+
+    benchmarks = [bench(items[0], 2.0), bench(items[1], 4.0), bench(items[2], 1.0), bench(items[3], 8.0)]
+    lines = add_stock_speedups(benchmarks, refs)
+    assert benchmarks[0]["extra_info"] == {"stock_diffusers_seconds": 8.0, "speedup_vs_stock_diffusers": 4.0}
+    assert benchmarks[1]["extra_info"] == {"stock_diffusers_seconds": 8.0, "speedup_vs_stock_diffusers": 2.0}
+    assert benchmarks[2]["extra_info"] == {} and benchmarks[3]["extra_info"] == {}
+    assert lines[0] == "test_generation[seed-832x1216-49f-sdpa-bf16-compile0]: 4.0x the stock diffusers pipeline (8.00 s)"
+    assert add_stock_speedups(benchmarks[:2], refs) == []  # no reference ran: nothing added

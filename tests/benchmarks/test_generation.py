@@ -15,7 +15,7 @@ from wan_pipeline.suite.fixtures import out_of_memory_isolation
 from wan_pipeline.suite.options import clip_format, quality_metrics_wanted
 
 
-@pytest.mark.wan
+@pytest.mark.wan(measured_against_reference=True)
 def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budgets, wan_report,
                     wan_single_gpu_outputs):
     with out_of_memory_isolation(wan_case, wan_model_cache):

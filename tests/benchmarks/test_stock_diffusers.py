@@ -10,7 +10,7 @@ from wan_pipeline.run.reference import run_stock, stock_pipeline
 from wan_pipeline.suite.fixtures import out_of_memory_isolation
 
 
-@pytest.mark.wan
+@pytest.mark.wan(reference=True)
 def test_stock_diffusers(benchmark, wan_stock_case, wan_model_cache, wan_options, wan_report):
     with out_of_memory_isolation(wan_stock_case, wan_model_cache):
         plan, prepared = wan_model_cache.prepare(wan_stock_case.config, wan_stock_case.mode)

@@ -1,1 +1,2 @@
-"""Launching on several processes: process groups, torchrun, the rank entry point. torch only inside functions."""
+"""Launching on several processes: child process groups, the one torchrun launcher and rank entry point of sequence
+parallelism, and the matrix over GPUs (sharding, worker processes, JSON merge). torch only inside functions."""

@@ -1,48 +1,60 @@
-"""What each torchrun rank runs: `worker_main` for `wan-bench run --gpus N` (the same plan, seeds and synthetic
-weights on every rank, rank 0 writing the record), and `start_rank` / `stop_rank` for a rank of `pytest --wan-sp N`.
+"""The one rank entry point of sequence parallelism, started by torchrun (launch.torchrun) for both launchers:
+
+    python -m wan_pipeline.launch.rank generate --preset ...   # wan-bench run --gpus N: one preset, timed
+    python -m wan_pipeline.launch.rank pytest ARGS...          # pytest --wan-sp N: the user's session on every rank
+
+Either way the rank joins the process group on its device first and leaves it last. In `generate` every rank builds
+the same plan, seeds and synthetic weights and rank 0 writes the record; in `pytest` rank 0 is the session the user
+sees, and the other ranks run it without the result files (benchmark JSON, history, junit XML).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.run.parallel import FRAME_SAMPLE_STRIDE, gather_peaks
 
-# pytest-benchmark's and pytest's result files: only rank 0 writes them.
-RANK0_ONLY_OPTIONS = {"benchmark_json": None, "benchmark_save": None, "benchmark_autosave": False,
-                      "benchmark_histogram": None, "xmlpath": None}
+
+def in_torchrun_rank() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def start_rank(config, degree: int) -> None:
-    """In a torchrun rank of `pytest --wan-sp N`: join the process group on this rank's GPU; ranks other than 0
-    keep their results to themselves."""
+def check_world_size(degree: int) -> None:
+    """A rank of a degree-N session must be one of N ranks."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != degree:
+        raise WanBenchError(f"sequence parallel degree {degree} runs {degree} ranks, this torchrun started {world}")
+
+
+def join_process_group():
+    """Join torchrun's process group on this rank's device (NCCL on a GPU, gloo on a CPU); returns the device."""
     import torch
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != degree:
-        raise WanBenchError(f"--wan-sp {degree} runs {degree} ranks, this torchrun started {world}")
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    if dist.get_rank() != 0:
-        for name, value in RANK0_ONLY_OPTIONS.items():
-            if hasattr(config.option, name):
-                setattr(config.option, name, value)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl", device_id=device)
+        return device
+    dist.init_process_group("gloo")
+    return torch.device("cpu")
 
 
-def stop_rank() -> None:
+def leave_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def worker_main(argv: list[str] | None = None) -> int:
+def generate(argv: list[str]) -> int:
+    """One preset on this rank: warm-up, timed rounds, every rank's peak memory; rank 0 writes latent, frames, JSON."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -55,21 +67,16 @@ def worker_main(argv: list[str] | None = None) -> int:
     from wan_pipeline.run.models import load_model_set
     from wan_pipeline.run.pipeline import configure
 
-    parser = argparse.ArgumentParser(prog="wan_pipeline.launch.rank")
+    parser = argparse.ArgumentParser(prog="wan_pipeline.launch.rank generate")
     for name in ("--preset", "--mode", "--precision", "--attention", "--out", "--tag"):
         parser.add_argument(name, required=True)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     default_allocator_settings()
 
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    device = join_process_group()
     try:
-        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        rank, world = dist.get_rank(), dist.get_world_size()
         config = get_preset(args.preset).replace(precision=args.precision, attention=args.attention,
                                                  sequence_parallel=world)
         plan = make_plan(config, args.mode)
@@ -89,15 +96,38 @@ def worker_main(argv: list[str] | None = None) -> int:
                 "preset": args.preset, "mode": args.mode, "world_size": world, "tokens": plan.tokens,
                 "round_seconds": [g.total_seconds for g in run.rounds], "median_seconds": run.median_seconds,
                 "stages": run.stage_medians, "per_rank_peak_memory_bytes": peaks, "notes": run.prepared.notes,
-                "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S"),
             })
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        leave_process_group()
     return 0
 
 
+def run_pytest(argv: list[str]) -> int:
+    """The user's pytest session on this rank; ranks other than 0 keep their results to themselves."""
+    import pytest
+    import torch.distributed as dist
+
+    from wan_pipeline.launch.shards import worker_args
+
+    join_process_group()
+    try:
+        return int(pytest.main(argv if dist.get_rank() == 0 else worker_args(argv)))
+    finally:
+        leave_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"generate": generate, "pytest": run_pytest}
+    if not argv or argv[0] not in commands:
+        print(f"usage: python -m wan_pipeline.launch.rank {{{','.join(commands)}}} ARGS (started by torchrun)",
+              file=sys.stderr)
+        return 2
+    return commands[argv[0]](argv[1:])
+
 
 if __name__ == "__main__":
-    raise SystemExit(worker_main())
+    raise SystemExit(main())

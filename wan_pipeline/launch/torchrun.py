@@ -1,7 +1,8 @@
-"""One torchrun command builder and its launchers: `run_sequence_parallel` (`wan-bench run --gpus N`) runs the same
-preset on one GPU and then on N through `torch.distributed.run` and reports seconds, speed-up, scaling efficiency,
-per-rank peak memory and the cosine similarity of the final latents; `relaunch_pytest` (`pytest --wan-sp N`) runs the
-user's pytest session again as N ranks.
+"""One torchrun command builder and one launcher (`run_ranks`: its own process group, stopped whatever happens) for
+both sequence-parallel paths, each rank running the rank entry point (launch.rank): `run_sequence_parallel`
+(`wan-bench run --gpus N`) runs the same preset on one GPU and then on N and reports seconds, speed-up, scaling
+efficiency, per-rank peak memory and the cosine similarity of the final latents; `relaunch_pytest`
+(`pytest --wan-sp N`) runs the user's pytest session again as N ranks.
 """
 
 from __future__ import annotations
@@ -18,27 +19,42 @@ from wan_pipeline.launch.processes import start_group, stop_group
 from wan_pipeline.run.parallel import check_sequence_parallel, cp_backend, match_single_gpu, scaling
 
 LAUNCH_TIMEOUT_S = 3600
-def torchrun_command(degree: int, module: str, args: list[str], *torchrun_options: str) -> list[str]:
-    """`python -m torch.distributed.run` on this host with `degree` ranks, each running `python -m module args`."""
+RANK_MODULE = "wan_pipeline.launch.rank"
+
+
+def torchrun_command(degree: int, rank_args: list[str], *torchrun_options: str) -> list[str]:
+    """`python -m torch.distributed.run` on this host with `degree` ranks, each running the rank entry point."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={degree}",
-            *torchrun_options, "-m", module, *args]
+            *torchrun_options, "-m", RANK_MODULE, *rank_args]
 
 
-def worker_command(degree: int, args: list[str]) -> list[str]:
-    return torchrun_command(degree, "wan_pipeline.launch.rank", args)
+def torchrun_pytest_command(degree: int, args: list[str], log_dir: Path) -> list[str]:
+    """A pytest session under torchrun: N ranks, rank 0 on the console, every rank's log in `log_dir`."""
+    return torchrun_command(degree, ["pytest", *args], f"--log-dir={log_dir}", "--tee=3", "--local-ranks-filter=0")
+
+
+def run_ranks(command: list[str], *, log: Path | None = None, timeout: float | None = None, cwd=None,
+              env=None) -> int | None:
+    """Run a torchrun command in its own process group (output to `log`, else the console) and return its exit
+    status, None on timeout. Whatever happens, the whole group is stopped: no rank is left behind."""
+    out = open(log, "w") if log is not None else None
+    try:
+        proc = start_group(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            stop_group(proc)  # also whatever a finished torchrun left behind
+    finally:
+        if out is not None:
+            out.close()
 
 
 def launch(degree: int, args: list[str], log: Path, timeout: float = LAUNCH_TIMEOUT_S) -> None:
-    """Run the ranks; on failure or timeout, end the whole process group and say which rank failed and why."""
+    """`generate` on `degree` ranks; on failure or timeout, say which rank failed and why."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as out:
-        proc = start_group(worker_command(degree, args), stdout=out, stderr=subprocess.STDOUT)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        finally:
-            stop_group(proc)  # also whatever a finished torchrun left behind
+    rc = run_ranks(torchrun_command(degree, ["generate", *args]), log=log, timeout=timeout)
     if rc != 0:
         lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
         failed = [l for l in lines if "Error" in l or "exitcode" in l or "rank" in l.lower()][-6:] or lines[-6:]
@@ -91,26 +107,16 @@ def run_sequence_parallel(*, preset: str, mode: str, degree: int, precision: str
 # figure that the N-GPU case's speed-up and scaling efficiency are computed against.
 
 
-def torchrun_pytest_command(degree: int, args: list[str], log_dir: Path) -> list[str]:
-    """The user's pytest command under torchrun: N ranks, rank 0 on the console, every rank's log in `log_dir`."""
-    return torchrun_command(degree, "pytest", args, f"--log-dir={log_dir}", "--tee=3", "--local-ranks-filter=0")
-
-
-def relaunch_pytest(config, degree: int, mode: str, out: Path) -> int:
-    """Run this pytest session again as `degree` torchrun ranks and return rank 0's exit status. On an interrupt or
-    a failure, the whole process group goes: no rank is left behind."""
+def relaunch_pytest(degree: int, mode: str, args: list[str], out: Path, cwd: Path) -> int:
+    """Run a pytest session (`args`, with its addopts already in them) as `degree` torchrun ranks and return rank
+    0's exit status; the ranks do not read $PYTEST_ADDOPTS again."""
     import torch
 
     check_sequence_parallel(degree, mode, torch.cuda.device_count())  # one GPU per rank
-
-    out = Path(config.invocation_params.dir) / out
+    out = Path(cwd) / out
     log_dir = out / "sequence-parallel" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
-    command = torchrun_pytest_command(degree, [str(a) for a in config.invocation_params.args], log_dir)
     print(f"wan-bench: --wan-sp {degree}: running this session as {degree} torchrun ranks (logs in {log_dir})",
           flush=True)
-    proc = start_group(command, cwd=config.invocation_params.dir)
-    try:
-        return proc.wait()
-    finally:
-        stop_group(proc)  # also whatever a finished torchrun left behind
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_ADDOPTS"}
+    return run_ranks(torchrun_pytest_command(degree, [*args, "-o", "addopts="], log_dir), cwd=cwd, env=env)

@@ -20,10 +20,12 @@ WARMUP_STEPS_PER_PASS = 1  # a warm-up runs this many steps of each pass (plan.w
 
 @dataclass(frozen=True)
 class WanCase:
-    """A benchmark configuration with its stable id (preset, attention, compile)."""
+    """A benchmark configuration with its stable id (preset, attention, compile), and the key of the reference its
+    whole generation is measured against (the stock diffusers case of its preset and mode), if it has one."""
 
     config: RunConfig
     mode: str
+    reference: str | None = None
 
     @property
     def id(self) -> str:

@@ -1,8 +1,11 @@
 """The benchmark matrix: the `WanCase`s a session parametrizes (presets or a workflow's variants, times precisions,
-compile settings, attention backends and sequence-parallel degrees) and the stock-diffusers cases.
+compile settings, attention backends and sequence-parallel degrees), the stock-diffusers cases, and the link from
+each generation to its stock reference (by key, not by test name).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 from wan_pipeline.plan.presets import DEFAULT_MATRIX, get_preset
 from wan_pipeline.suite.options import WanOptions
@@ -57,23 +60,68 @@ def build_cases(options: WanOptions):
                         case_config = config.replace(attention=attention, precision=precision, compile=compile_on,
                                                      sequence_parallel=degree, residency=options.residency,
                                                      vae_bands=options.vae_bands)
-                        cases.append(WanCase(resolve_run_precision(case_config, mode), mode))
+                        cases.append(WanCase(resolve_run_precision(case_config, mode), mode,
+                                             reference=stock_reference_key(config, mode)))
     return cases
 
 
+def stock_reference_key(config, mode: str) -> str | None:
+    """The key linking a two-pass configuration's cases to the stock diffusers case of the same preset and mode."""
+    return f"stock-diffusers:{config.name}:{mode}" if len(config.passes) == 2 else None
+
+
 def stock_cases(cases):
-    """One stock-diffusers case per two-pass preset of the matrix (bf16, default attention)."""
+    """One stock-diffusers case per reference the matrix names (bf16, default attention), carrying that key."""
     seen, out = set(), []
     for case in cases:
-        cfg = case.config
-        if len(cfg.passes) == 2 and cfg.name not in seen:
-            seen.add(cfg.name)
-            out.append(type(case)(cfg.replace(attention="sdpa", precision="bf16", compile=False, sequence_parallel=1),
-                                  case.mode))
+        if case.reference is not None and case.reference not in seen:
+            seen.add(case.reference)
+            cfg = case.config.replace(attention="sdpa", precision="bf16", compile=False, sequence_parallel=1)
+            out.append(type(case)(cfg, case.mode, reference=case.reference))
     return out
 
 
-def _case_of(item):
+# ---------------------------------------------------------------------------------------------------- references
+
+
+@dataclass
+class References:
+    """Which collected test is the reference for a key, and which tests are measured against which key: filled from
+    the cases at collection (a test marked `wan(reference=True)` is the reference of its case's key; one marked
+    `wan(measured_against_reference=True)` is measured against it)."""
+
+    reference: dict[str, str] = field(default_factory=dict)  # key -> node id of the reference test
+    measured: dict[str, str] = field(default_factory=dict)  # node id -> key
+
+    def add(self, item) -> None:
+        case, marker = case_of(item), item.get_closest_marker("wan")
+        if case is None or case.reference is None or marker is None:
+            return
+        if marker.kwargs.get("reference"):
+            self.reference.setdefault(case.reference, item.nodeid)
+        elif marker.kwargs.get("measured_against_reference"):
+            self.measured[item.nodeid] = case.reference
+
+
+def add_stock_speedups(benchmarks: list[dict], references: References) -> list[str]:
+    """Give each measured generation (pytest-benchmark JSON, in place) the stock reference's median and its speed-up
+    over it, when both ran; returns summary lines."""
+    by_name = {b.get("fullname"): b for b in benchmarks}
+    lines = []
+    for nodeid, key in references.measured.items():
+        bench, stock = by_name.get(nodeid), by_name.get(references.reference.get(key))
+        if bench is None or stock is None:
+            continue
+        ref = stock["stats"]["median"]
+        info = bench.setdefault("extra_info", {})
+        info["stock_diffusers_seconds"] = ref
+        info["speedup_vs_stock_diffusers"] = round(ref / bench["stats"]["median"], 3)
+        lines.append(f"{bench['name']}: {info['speedup_vs_stock_diffusers']}x the stock diffusers pipeline "
+                     f"({ref:.2f} s)")
+    return lines
+
+
+def case_of(item):
     callspec = getattr(item, "callspec", None)
     if callspec is None:
         return None

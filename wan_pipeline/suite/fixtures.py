@@ -8,14 +8,23 @@ import contextlib
 
 import pytest
 
-from wan_pipeline.suite.options import WanOptions, read_options
+from wan_pipeline.suite.options import WanOptions
+from wan_pipeline.suite.options import wan_options as options_of
+
+REPORT_KEY = pytest.StashKey[list]()
+
+
+def report_lines(config) -> list[str]:
+    """Lines the terminal summary prints at the end (budgets checked or missing, quality skipped, speed-ups)."""
+    return config.stash.setdefault(REPORT_KEY, [])
+
 
 # ---------------------------------------------------------------------------------------------------- fixtures
 
 
 @pytest.fixture(scope="session")
 def wan_options(pytestconfig) -> WanOptions:
-    return read_options(pytestconfig)
+    return options_of(pytestconfig)
 
 
 @pytest.fixture(scope="session")
@@ -55,9 +64,8 @@ def wan_single_gpu_outputs():
 @pytest.fixture(scope="session")
 def wan_report(pytestconfig):
     """Lines the terminal summary prints at the end (budgets checked or missing, quality skipped, throttling)."""
-    lines: list[str] = []
-    pytestconfig._wan_report = lines
-    return lines
+    return report_lines(pytestconfig)
+
 
 @contextlib.contextmanager
 def out_of_memory_isolation(case, cache):
