@@ -10,7 +10,8 @@ from wan_pipeline.plan.config import ModelSetKey
 from wan_pipeline.plan.plan import make_plan
 from wan_pipeline.plan.presets import get_preset
 from wan_pipeline.run import conditioning
-from wan_pipeline.run.models import Residency, load_model_set, resolve_mode
+from wan_pipeline.run.model_files import resolve_mode
+from wan_pipeline.run.models import Residency, load_model_set
 
 GB = 10**9
 

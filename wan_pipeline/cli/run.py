@@ -93,7 +93,7 @@ def format_plan(plan: Plan) -> str:
 def resolve_mode_for_plan(requested: str, models_dir: str | None) -> str:
     if requested != "auto":
         return requested
-    from wan_pipeline.run.models import resolve_mode
+    from wan_pipeline.run.model_files import resolve_mode  # no torch: planning needs no model
 
     return resolve_mode("auto", models_dir)
 

@@ -51,19 +51,6 @@ TINY_VAE = dict(base_dim=8, num_res_blocks=1)
 TEXT_CONTEXT = 512  # UMT5 tokens the experts attend to (ComfyUI pads to at least 512)
 
 
-def resolve_mode(requested: str, models_dir: str | None, config: RunConfig | None = None) -> str:
-    """auto: real when the model files are found, else synthetic on a GPU, else tiny."""
-    if requested != "auto":
-        return requested
-    if models_dir:
-        from wan_pipeline.plan.presets import get_preset
-        from wan_pipeline.run.loading import has_model_files
-
-        if has_model_files(models_dir, config or get_preset("seed-832x1216-49f")):
-            return "real"
-    return "synthetic" if torch.cuda.is_available() else "tiny"
-
-
 def run_device(mode: str) -> torch.device:
     """Where a mode runs: tiny on the CPU, the others on the GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() and mode != "tiny" else "cpu")

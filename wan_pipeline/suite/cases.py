@@ -11,7 +11,7 @@ from wan_pipeline.suite.options import WanOptions
 
 
 def resolved_mode(options: WanOptions) -> str:
-    from wan_pipeline.run.models import resolve_mode
+    from wan_pipeline.run.model_files import resolve_mode
 
     return resolve_mode(options.mode, options.models_dir)
 
