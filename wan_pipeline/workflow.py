@@ -43,7 +43,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import SAMPLERS, SCHEDULERS, ConfigError, PassConfig, RunConfig
+from .config import SAMPLERS, SCHEDULERS, WEIGHT_DTYPES, ConfigError, PassConfig, RunConfig
 from .errors import WorkflowError
 
 DEFAULT_WAN_SHIFT = 8.0  # ComfyUI's built-in shift for Wan models (used when no ModelSamplingSD3 is in the chain)
@@ -884,6 +884,12 @@ class _Resolver:
             visited.add(m.id)
             if m.type == "UNETLoader":
                 model_file = self._typed(m, "unet_name", "str")
+                has_dtype = "weight_dtype" in m.inputs or (
+                    isinstance(m.widgets, dict) and "weight_dtype" in m.widgets) or (
+                    isinstance(m.widgets, list) and len(m.widgets) > 1)
+                weight_dtype = self._typed(m, "weight_dtype", "str") if has_dtype else "default"
+                if weight_dtype not in WEIGHT_DTYPES:
+                    raise self.err(m, f"weight_dtype {weight_dtype!r:.60} is not one of {', '.join(WEIGHT_DTYPES)}")
                 break
             if m.type == "ModelSamplingSD3":
                 value = self._typed(m, "shift", "float")
@@ -903,7 +909,7 @@ class _Resolver:
         p = PassConfig(expert=expert, model_file=model_file, lora_file=lora_file, lora_strength=lora_strength,
                           shift=DEFAULT_WAN_SHIFT if shift is None else shift, steps=steps, start_at_step=start,
                           end_at_step=end, add_noise=add_noise, return_with_leftover_noise=leftover, cfg=cfg,
-                          sampler=sampler, scheduler=scheduler)
+                          sampler=sampler, scheduler=scheduler, weight_dtype=weight_dtype)
         try:
             p.validate(f"pass {index + 1} ({expert})")
         except ConfigError as exc:
