@@ -1,7 +1,7 @@
 """Loading the user's real weight files: ComfyUI ``models/`` folders, diffusers folders, fp8 formats and LoRAs.
 
 Transformer files in the original Wan key layout are read, their fp8 scales split off, the LoRA merged (in the stored
-precision, see :mod:`wan_pipeline.lora`), the key names converted with diffusers'
+precision, see :mod:`wan_pipeline.run.lora`), the key names converted with diffusers'
 ``convert_wan_transformer_to_diffusers`` and the result loaded into a ``WanTransformer3DModel`` built from a config
 inferred from the tensor shapes (never ``from_single_file``: it drops ``scale_weight`` and mistakes Wan 2.2 for 2.1).
 The VAE goes through diffusers' ``convert_wan_vae_to_diffusers``. Only safetensors are read; pickle files are refused (finding and checking the files is
@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,7 @@ class _Split:
     scales: dict  # weight name -> float32 scalar, for every float8_e4m3fn weight
     input_scales: dict
     source_format: str
+    marker_elements: int | None = None  # elements of the scaled_fp8 marker tensor; None: no marker
 
 
 def _split_fp8(sd: dict, metadata: dict, path: Path) -> _Split:
@@ -89,7 +91,8 @@ def _split_fp8(sd: dict, metadata: dict, path: Path) -> _Split:
         except ValueError:
             raise CheckpointError(f"{path}: tensor {k} is not a JSON quantization marker") from None
     layers = {next((n[len(p):] for p in PREFIXES if n.startswith(p)), n): v for n, v in layers.items()}
-    scaled = sd.pop("scaled_fp8", None) is not None
+    marker = sd.pop("scaled_fp8", None)
+    scaled = marker is not None
     scales, input_scales = {}, {}
     for layer, conf in layers.items():
         fmt = conf.get("format") if isinstance(conf, dict) else conf
@@ -122,7 +125,62 @@ def _split_fp8(sd: dict, metadata: dict, path: Path) -> _Split:
         dtypes = [t.dtype for k, t in sd.items() if t.is_floating_point() and k.endswith(".weight")]
         common = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
         fmt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(common, str(common))
-    return _Split(sd, scales, input_scales, fmt)
+    return _Split(sd, scales, input_scales, fmt, None if marker is None else marker.numel())
+
+
+# The Linear layers of ComfyUI's WanModel (comfy/ldm/wan/model.py), by original tensor name.
+_WAN_LINEAR = re.compile(r"(text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|head\.head|img_emb\.proj\.[13]"
+                         r"|blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)|blocks\.\d+\.ffn\.[02])"
+                         r"\.(weight|bias)")
+
+
+def comfy_scaled_fp8_storage(sd: dict, scales: dict, original_names: dict[str, str]) -> tuple[int, int]:
+    """Store every Linear of an fp8_scaled (``scaled_fp8`` marker) transformer as ComfyUI 0.3.64 does: its
+    scaled-fp8 Linear is created in float8_e4m3fn (comfy/ops.py ``scaled_fp8_ops`` passes the marker's dtype to
+    ``torch.nn.Linear``), so the file's biases are copied into fp8 unscaled, and a weight the file holds in another
+    dtype is cast to fp8 with the default scale 1. ``original_names``: original Wan name -> key in ``sd``.
+    Returns (weights cast to fp8, biases cast to fp8)."""
+    weights = biases = 0
+    for orig, key in original_names.items():
+        t = sd.get(key)
+        if t is None or t.dtype == FP8 or not t.is_floating_point() or not _WAN_LINEAR.fullmatch(orig):
+            continue
+        sd[key] = t.to(FP8)  # round to nearest, saturating (what copying into an fp8 parameter does)
+        if orig.endswith(".bias"):
+            biases += 1
+        else:
+            scales[key] = torch.tensor(1.0)
+            weights += 1
+    return weights, biases
+
+
+def scaled_fp8_marker_elements(path) -> int | None:
+    """The element count of a transformer file's ``scaled_fp8`` marker (header only); None without one or for a
+    folder. ComfyUI turns its fp8 optimizations on for a marker of any size but two."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    header, _ = read_safetensors_header(path)
+    for prefix in ("",) + PREFIXES:
+        info = header.get(prefix + "scaled_fp8")
+        if info is not None:
+            return math.prod(info["shape"])
+    return None
+
+
+def file_format(path) -> str:
+    """fp8_scaled / fp8_e4m3fn / bf16 / fp16 / fp32 of a transformer file, from its header alone."""
+    path = Path(path)
+    if path.is_dir():
+        return "fp8_scaled" if any("scale" in k for f in _diffusers_weight_files(path)
+                                   for k in read_safetensors_header(f)[0]) else "bf16"
+    header, metadata = read_safetensors_header(path)
+    if metadata.get("_quantization_metadata") or any(k.endswith(("scaled_fp8", ".scale_weight", ".weight_scale",
+                                                                  ".comfy_quant")) for k in header):
+        return "fp8_scaled"
+    dtypes = [v["dtype"] for k, v in header.items() if k.endswith(".weight")]
+    common = max(set(dtypes), key=dtypes.count) if dtypes else "F32"
+    return {"F8_E4M3": "fp8_e4m3fn", "BF16": "bf16", "F16": "fp16"}.get(common, "fp32")
 
 
 def _finalize(sd: dict, scales: dict, *, compute_dtype, keep_fp8: bool, fp32_modules=()) -> dict:
@@ -163,6 +221,8 @@ class ExpertWeights:
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
     lora: LoraReport | None = None
     original_names: dict[str, str] = field(default_factory=dict)  # diffusers name -> name in the file
+    notes: list[str] = field(default_factory=list)  # for the run record: where loading followed a ComfyUI quirk
+    marker_elements: int | None = None  # the scaled_fp8 marker's size (two: the file asks for full-precision mm)
 
 
 def _transformer_fp32_modules() -> tuple[str, ...]:
@@ -243,11 +303,16 @@ def load_expert_weights(
     compute_dtype: torch.dtype = torch.bfloat16,
     keep_fp8: bool = False,
     num_attention_heads: int | None = None,
+    lora_rounding: str = "comfyui",
+    merge_device=None,
 ) -> ExpertWeights:
     """Read one expert (a single-file checkpoint or a diffusers ``transformer/`` folder), merge its LoRA, convert.
 
-    The LoRA is merged before dequantization, into the weights as stored (fp8 weights: dequantize, add, requantize
-    with the same scale), so that ``keep_fp8=False`` gives what ComfyUI's fp8 model computes, dequantized.
+    The LoRA is merged before dequantization, into the weights as ComfyUI stores them (an fp8_scaled file's
+    Linear layers all in fp8, see :func:`comfy_scaled_fp8_storage`; the rest in the compute dtype; fp8 tensors:
+    dequantize, add, requantize with the same scale, by ``lora_rounding``), so that ``keep_fp8=False`` gives what
+    ComfyUI's fp8 model computes, dequantized. ``merge_device``: where fp8 requantization runs (the run's device:
+    ComfyUI patches on its GPU and stochastic rounding's draws depend on the device type).
     """
     path = Path(path)
     if path.is_dir():
@@ -267,18 +332,35 @@ def load_expert_weights(
         sd = {names[k]: v for k, v in split.tensors.items()}
     scales = {names.get(k, k): v for k, v in split.scales.items()}
     input_scales = {names.get(k, k): v for k, v in split.input_scales.items()}
-    source_format = split.source_format
+    source_format, marker = split.source_format, split.marker_elements
     del stored, split
     config = infer_transformer_config(sd, path, num_attention_heads)
+    notes = []
+    if marker is not None:  # ComfyUI 0.3.64's scaled-fp8 Linear; _quantization_metadata files are not read by it
+        weights, biases = comfy_scaled_fp8_storage(sd, scales, names)
+        if weights:
+            notes.append(f"{path.name}: {weights} Linear weights stored in another dtype than fp8 in this fp8_scaled "
+                         f"file were rounded to fp8 with scale 1, as ComfyUI 0.3.64 loads them (a quirk of its "
+                         f"scaled-fp8 Linear, matched on purpose)")
+        if biases:
+            notes.append(f"{path.name}: {biases} Linear biases rounded to fp8 (unscaled), as ComfyUI's scaled-fp8 "
+                         f"Linear stores them")
+    # Non-fp8 tensors take their run dtype before the merge (ComfyUI's: its unet dtype, the compute dtype; the
+    # modules diffusers keeps in float32 go to float32), so that a LoRA delta is rounded once, into that dtype.
+    fp32_modules = _transformer_fp32_modules()
+    for k, t in sd.items():
+        if t.is_floating_point() and t.dtype != FP8:
+            sd[k] = t.to(torch.float32 if any(m in k.split(".") for m in fp32_modules) else compute_dtype)
     report = None
     if lora_path is not None and lora_strength != 0:
         lora_sd, _ = read_safetensors(lora_path)
         report = apply_lora(sd, scales, lora_sd, original_names=names, strength=lora_strength,
-                            lora_name=str(lora_path))
+                            lora_name=str(lora_path), rounding=lora_rounding, device=merge_device)
+        notes += report.notes(Path(lora_path).name)
     kept = _finalize(sd, scales, compute_dtype=compute_dtype, keep_fp8=keep_fp8,
                      fp32_modules=_transformer_fp32_modules())
     return ExpertWeights(sd, kept, config, source_format, path, input_scales, report,
-                         {d: o for o, d in names.items()})
+                         {d: o for o, d in names.items()}, notes, marker)
 
 
 @contextlib.contextmanager

@@ -56,8 +56,9 @@ def build_cases(options: WanOptions):
                     for degree in degrees:
                         case_config = config.replace(attention=attention, precision=precision, compile=compile_on,
                                                      sequence_parallel=degree, residency=options.residency,
-                                                     vae_bands=options.vae_bands)
-                        cases.append(WanCase(resolve_run_precision(case_config, mode), mode))
+                                                     vae_bands=options.vae_bands,
+                                                     lora_rounding=options.lora_rounding)
+                        cases.append(WanCase(resolve_run_precision(case_config, mode, options.models_dir), mode))
     return cases
 
 
