@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from wan_pipeline.plan.config import ATTENTION_BACKENDS, MODES, PRECISIONS, RESIDENCIES
+from wan_pipeline.plan.config import ATTENTION_BACKENDS, LORA_ROUNDINGS, MODES, PRECISIONS, RESIDENCIES
 
 VIDEO_CHOICES = ("auto", "mp4", "webp", "none")
 
@@ -131,6 +131,8 @@ _OPTIONS = (
      f"comma-separated attention backends ({', '.join(ATTENTION_BACKENDS)}; default sdpa)"),
     ("--wan-precision", "WAN_PRECISION", "auto", _csv_of(PRECISIONS),
      f"comma-separated precisions ({', '.join(PRECISIONS)}; default auto)"),
+    ("--wan-lora-rounding", "WAN_LORA_ROUNDING", "comfyui", _one_of(LORA_ROUNDINGS),
+     "LoRA merged into fp8 weights: comfyui (default: ComfyUI's stochastic rounding, seeded per weight) or nearest"),
     ("--wan-compile", "TORCH_COMPILE", "0", _compile, "0, 1 or both (default: $TORCH_COMPILE, else 0)"),
     ("--wan-warmup", "WAN_WARMUP", "1", _integer(0),
      "untimed warm-up generations per case, each the first step of every pass (default 1); timed rounds are "
@@ -195,6 +197,7 @@ class WanOptions:
     sequence_parallel: int = 1
     residency: str = "auto"
     vae_bands: int = 1
+    lora_rounding: str = "comfyui"
     gpus: str | None = None
     gpus_timeout: float | None = None
 
@@ -212,7 +215,8 @@ def wan_options(config) -> WanOptions:
             precision=get("wan_precision") or ("auto",), compile=get("wan_compile"),
             rounds=get("benchmark_min_rounds", 5), warmup=get("wan_warmup"), workflow=get("wan_workflow"),
             video=get("wan_video"), sequence_parallel=get("wan_sp"), residency=get("wan_residency"),
-            vae_bands=get("wan_vae_bands"), gpus=get("wan_gpus"), gpus_timeout=get("wan_gpus_timeout"))
+            vae_bands=get("wan_vae_bands"), lora_rounding=get("wan_lora_rounding"), gpus=get("wan_gpus"),
+            gpus_timeout=get("wan_gpus_timeout"))
     return config.stash[OPTIONS_KEY]
 
 
