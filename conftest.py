@@ -8,8 +8,8 @@ import importlib.util
 
 
 def _entry_point_registered() -> bool:
-    return any(ep.value == "wan_pipeline.pytest_plugin" for ep in importlib.metadata.entry_points(group="pytest11"))
+    return any(ep.value == "wan_pipeline.suite.plugin" for ep in importlib.metadata.entry_points(group="pytest11"))
 
 
-if not _entry_point_registered() and importlib.util.find_spec("wan_pipeline.pytest_plugin") is not None:
-    pytest_plugins = ["wan_pipeline.pytest_plugin"]
+if not _entry_point_registered() and importlib.util.find_spec("wan_pipeline.suite.plugin") is not None:
+    pytest_plugins = ["wan_pipeline.suite.plugin"]

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_pipeline import attention
-from wan_pipeline.fp8_attention import FP8_E4M3_MAX, O_HEADROOM, SOFTMAX_SCALE, _quantize
+from wan_pipeline.run import attention
+from wan_pipeline.run.fp8_attention import FP8_E4M3_MAX, O_HEADROOM, SOFTMAX_SCALE, _quantize
 
 # Kernel names as the profiler reported them on an H100 (torch 2.11, cuDNN 9.19).
 CUDNN_FP8 = "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f8_knob_32_64x256x128_4x1x1_cga1x1x1_kernel0_0"
@@ -38,7 +38,7 @@ def test_a_kernel_that_cannot_run_here_is_refused_with_its_reason(name, reason):
 
 
 def test_fp8_attention_says_why_it_cannot_run_on_this_machine():
-    from wan_pipeline.fp8_attention import available
+    from wan_pipeline.run.fp8_attention import available
 
     assert available() == "CUDA is not available to torch (no GPU visible, or a CPU-only torch build)"
 
@@ -51,7 +51,7 @@ def test_auto_times_what_runs_and_says_which_it_picked():
 
 
 def test_the_installed_kernel_is_what_the_transformer_calls():
-    from wan_pipeline.models import TINY_TRANSFORMER, random_transformer
+    from wan_pipeline.run.models import TINY_TRANSFORMER, random_transformer
 
     model = random_transformer(TINY_TRANSFORMER, torch.device("cpu"), torch.float32, seed=0)
     calls = []
@@ -116,7 +116,7 @@ def test_a_kernel_is_resolved_and_profiled_once_per_shape(monkeypatch):
 
 
 def test_cudnn_fp8_runs_fp8_over_long_key_sequences_and_bf16_sdpa_over_the_text(monkeypatch):
-    from wan_pipeline import attention, fp8_attention
+    from wan_pipeline.run import attention, fp8_attention
 
     calls = []
     monkeypatch.setattr(fp8_attention, "fp8_sdpa", lambda q, k, v: calls.append(k.shape[2]) or torch.zeros_like(q))

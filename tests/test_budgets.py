@@ -1,8 +1,10 @@
 """Budget and quality-threshold lookup from the budgets TOML."""
 
+from pathlib import Path
+
 import pytest
 
-from wan_pipeline.budgets import DEFAULT_BUDGETS, BudgetFileError, load_budgets
+from wan_pipeline.plan.budgets import DEFAULT_BUDGETS, BudgetFileError, load_budgets
 
 SAMPLE = """
 [[budget]]
@@ -83,6 +85,19 @@ def test_bad_budget_files_name_file_and_entry(tmp_path, text, message):
 def test_missing_budget_file(tmp_path):
     with pytest.raises(BudgetFileError, match="does not exist"):
         load_budgets(tmp_path / "nope.toml")
+
+
+def test_the_default_budgets_are_package_data():
+    """An installed wheel has the default budgets: the file sits in the package and pyproject ships it."""
+    import wan_pipeline.plan
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    assert DEFAULT_BUDGETS.parent == Path(wan_pipeline.plan.__file__).parent and DEFAULT_BUDGETS.is_file()
+    pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    assert DEFAULT_BUDGETS.name in pyproject["tool"]["setuptools"]["package-data"]["wan_pipeline.plan"]
 
 
 def test_shipped_budgets_file_loads_and_has_the_users_budget():

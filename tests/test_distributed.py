@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from wan_pipeline.distributed import check_degree, check_sequence_parallel, scaling
 from wan_pipeline.errors import WanBenchError
+from wan_pipeline.run.parallel import check_degree, check_sequence_parallel, scaling
 
 pytest_plugins = ["pytester"]
 
@@ -55,7 +55,7 @@ def test_a_rank_that_dies_is_a_clear_error_and_leaves_nothing_running(tmp_path):
     assert "the 2-GPU run exited with" in proc.stderr and "all its processes were stopped" in proc.stderr
     assert "Traceback" not in proc.stderr.split("Last lines")[0]
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert "wan_pipeline.distributed" not in ps
+    assert "wan_pipeline.launch.rank" not in ps
     assert (tmp_path / "seed-832x1216-49f-tiny-gpus1.json").exists()  # the one-GPU result is kept
 
 
@@ -63,8 +63,9 @@ def test_a_rank_that_dies_is_a_clear_error_and_leaves_nothing_running(tmp_path):
 
 
 def test_the_sp_matrix_runs_every_case_on_one_gpu_and_split_loading_each_set_once_in_order():
-    from wan_pipeline.config import ModelSetKey
-    from wan_pipeline.pytest_plugin import WanOptions, build_cases
+    from wan_pipeline.plan.config import ModelSetKey
+    from wan_pipeline.suite.cases import build_cases
+    from wan_pipeline.suite.options import WanOptions
 
     options = WanOptions(mode="tiny", models_dir=None, presets=("seed-832x1216-49f", "seed-832x1216-81f"),
                          budgets=None, out=None, attention=("sdpa",), precision=("bf16",), compile=(False,),
@@ -78,7 +79,7 @@ def test_the_sp_matrix_runs_every_case_on_one_gpu_and_split_loading_each_set_onc
 
 
 def test_split_generations_get_speedup_and_efficiency_against_the_one_gpu_case():
-    from wan_pipeline.distributed import add_scaling_to_json
+    from wan_pipeline.run.parallel import add_scaling_to_json
 
     def bench(name, median, sp=None):
         return {"name": name, "stats": {"median": median}, "extra_info": {"sequence_parallel": sp}}
@@ -96,7 +97,7 @@ def test_split_generations_get_speedup_and_efficiency_against_the_one_gpu_case()
 
 
 def test_the_sp_session_is_the_users_pytest_command_under_torchrun(tmp_path):
-    from wan_pipeline.distributed import torchrun_pytest_command
+    from wan_pipeline.launch.torchrun import torchrun_pytest_command
 
     command = torchrun_pytest_command(2, ["tests/benchmarks", "--wan-sp", "2", "--benchmark-json=o.json"], tmp_path)
     assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
@@ -106,7 +107,7 @@ def test_the_sp_session_is_the_users_pytest_command_under_torchrun(tmp_path):
 
 
 def test_a_split_configuration_outside_torchrun_says_how_to_start_one():
-    from wan_pipeline.distributed import enable_sequence_parallel
+    from wan_pipeline.run.parallel import enable_sequence_parallel
 
     with pytest.raises(WanBenchError, match="degree 2 needs 2 ranks started by torchrun, this process has 1: use "
                                             "`wan-bench run --gpus 2` or `pytest --wan-sp 2`"):
@@ -114,7 +115,7 @@ def test_a_split_configuration_outside_torchrun_says_how_to_start_one():
 
 
 def test_a_rank_of_the_wrong_world_size_is_refused(monkeypatch):
-    from wan_pipeline.distributed import start_rank
+    from wan_pipeline.launch.rank import start_rank
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(WanBenchError, match="--wan-sp 2 runs 2 ranks, this torchrun started 3"):
@@ -142,9 +143,9 @@ def test_a_split_generation_is_compared_with_the_one_gpu_generation_of_the_same_
     import numpy as np
     import torch
 
-    from wan_pipeline.case import WanCase
-    from wan_pipeline.distributed import compare_with_single_gpu
-    from wan_pipeline.presets import get_preset
+    from wan_pipeline.plan.presets import get_preset
+    from wan_pipeline.run.case import WanCase
+    from wan_pipeline.run.parallel import compare_with_single_gpu
 
     def case(name, degree):
         return WanCase(get_preset(name).replace(precision="fp8-scaled-mm", sequence_parallel=degree), "synthetic")

@@ -11,11 +11,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from wan_pipeline.case import WanCase
-from wan_pipeline.gpu_matrix import (Device, ShardItem, WorkerResult, merge, parse_gpus, parse_timeout, shard,
-                                     shard_item, worker_args)
-from wan_pipeline.history import load_run
-from wan_pipeline.presets import get_preset
+
+from wan_pipeline.history.runs import load_run
+from wan_pipeline.plan.presets import get_preset
+from wan_pipeline.run.case import WanCase
+from wan_pipeline.suite.gpu_matrix import (Device, ShardItem, WorkerResult, merge, parse_gpus, parse_timeout, shard,
+                                           shard_item, worker_args)
 
 pytest_plugins = ["pytester"]
 
@@ -259,7 +260,7 @@ def test_two_workers_merge_into_one_file_that_both_compare_tools_read(inner):
     assert set(run.benchmarks) == {SEED, TEMPLATE}
 
     shutil.copy(inner.path / "out.json", inner.path / "again.json")
-    from wan_pipeline.cli import main
+    from wan_pipeline.cli.main import main
 
     assert main(["compare", str(inner.path / "out.json"), str(inner.path / "again.json")]) == 0
     cli = shutil.which("pytest-benchmark") or shutil.which("py.test-benchmark")

@@ -12,9 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wan_pipeline import history
-from wan_pipeline.cli import main
+from wan_pipeline.cli.main import main
 from wan_pipeline.errors import WanBenchError
+from wan_pipeline.fsutil import atomic_write_bytes, atomic_write_json
+from wan_pipeline.history.changepoints import change_points
+from wan_pipeline.history.compare import compare, run_changes, verdict_for
+from wan_pipeline.history.runs import (GpuMismatchError, HistoryError, HistoryFileError, load_history, load_run,
+                                       pick_runs, save_run)
+from wan_pipeline.history.stats import mann_whitney, ratio_bounds, u_null_counts
+from wan_pipeline.history.trend import trend
 
 DATA = Path(__file__).parent / "data" / "history"
 H100 = "NVIDIA H100 80GB HBM3"
@@ -60,7 +66,7 @@ def rounds(rng, n=6, median=60.0, cv=0.01, factor=1.0):
 
 def test_u_null_distribution_is_exact():
     for m, n in [(1, 1), (2, 3), (5, 5), (7, 4), (12, 30), (30, 30)]:
-        counts = history.u_null_counts(m, n)
+        counts = u_null_counts(m, n)
         assert counts.sum() == comb(m + n, m)
         assert len(counts) == m * n + 1 and (counts == counts[::-1]).all() and counts.min() >= 1
 
@@ -70,12 +76,12 @@ def test_mann_whitney_matches_scipy():
     rng = np.random.default_rng(7)
     for m, n in [(5, 5), (6, 9), (25, 30), (80, 60)]:
         x, y = rng.normal(1, 0.01, m), rng.normal(1.004, 0.01, n)
-        t = history.mann_whitney(x, y)
+        t = mann_whitney(x, y)
         method = "exact" if m + n <= 60 else "asymptotic"
         assert t.p_slower == pytest.approx(stats.mannwhitneyu(y, x, alternative="greater", method=method).pvalue)
         assert t.p_faster == pytest.approx(stats.mannwhitneyu(y, x, alternative="less", method=method).pvalue)
     x, y = np.round(rng.normal(1, 0.01, 30), 2), np.round(rng.normal(1.01, 0.01, 30), 2)  # ties
-    t = history.mann_whitney(x, y)
+    t = mann_whitney(x, y)
     assert t.method == "normal"
     assert t.p_slower == pytest.approx(stats.mannwhitneyu(y, x, alternative="greater", method="asymptotic").pvalue)
 
@@ -84,7 +90,7 @@ def test_ratio_bounds_cover_the_true_ratio():
     rng = np.random.default_rng(3)
     covered = 0
     for _ in range(300):
-        lo, est, hi = history.ratio_bounds(rounds(rng, 8), rounds(rng, 8, factor=1.07), alpha=0.05)
+        lo, est, hi = ratio_bounds(rounds(rng, 8), rounds(rng, 8, factor=1.07), alpha=0.05)
         assert lo <= est <= hi
         covered += lo <= 1.07 <= hi
     assert covered / 300 >= 0.87  # two one-sided 95 % bounds: a 90 % interval
@@ -113,7 +119,7 @@ def test_detection_and_false_alarm_rates(n_rounds):
     for slowdown, pairs in ((0.0, 1000), (0.05, 400), (0.10, 200), (0.20, 200)):
         flagged = 0
         for _ in range(pairs):
-            v = history.verdict_for(bench("p", draw(1.0)), bench("p", draw(1.0 + slowdown)), threshold=0.05)
+            v = verdict_for(bench("p", draw(1.0)), bench("p", draw(1.0 + slowdown)), threshold=0.05)
             flagged += v.regression
         rates[slowdown] = flagged / pairs
     print(f"{n_rounds} rounds: flagged {rates}")
@@ -124,36 +130,36 @@ def test_detection_and_false_alarm_rates(n_rounds):
 
 def test_rates_on_lognormal_rounds():
     rng = np.random.default_rng(11)
-    aa = sum(history.verdict_for(bench("p", rng.lognormal(0, 0.01, 6)), bench("p", rng.lognormal(0, 0.01, 6))).regression
+    aa = sum(verdict_for(bench("p", rng.lognormal(0, 0.01, 6)), bench("p", rng.lognormal(0, 0.01, 6))).regression
              for _ in range(1000))
-    slow = sum(history.verdict_for(bench("p", rng.lognormal(0, 0.01, 6)),
+    slow = sum(verdict_for(bench("p", rng.lognormal(0, 0.01, 6)),
                                    bench("p", 1.05 * rng.lognormal(0, 0.01, 6))).regression for _ in range(400))
     assert aa / 1000 <= 0.01 and slow / 400 >= 0.95
 
 
 def test_small_significant_slowdown_is_not_a_regression():
     rng = np.random.default_rng(5)
-    v = history.verdict_for(bench("p", rounds(rng, 30, cv=0.005)), bench("p", rounds(rng, 30, cv=0.005, factor=1.015)))
+    v = verdict_for(bench("p", rounds(rng, 30, cv=0.005)), bench("p", rounds(rng, 30, cv=0.005, factor=1.015)))
     assert v.status == "slower-below-threshold" and not v.regression and v.p_slower < 0.01
 
 
 def test_improvement_is_reported_and_passes():
     rng = np.random.default_rng(5)
-    v = history.verdict_for(bench("p", rounds(rng, 8)), bench("p", rounds(rng, 8, factor=0.8)))
+    v = verdict_for(bench("p", rounds(rng, 8)), bench("p", rounds(rng, 8, factor=0.8)))
     assert v.status == "improvement" and not v.regression
 
 
 def test_without_round_data_medians_decide_and_say_so():
     base, cur = bench("p", [60.0] * 5), bench("p", [66.0] * 5)
     del base["stats"]["data"]
-    v = history.verdict_for(base, cur)
+    v = verdict_for(base, cur)
     assert v.regression and v.p_slower is None and "could not run" in v.test
     cur2 = bench("p", [61.0] * 5)
-    assert not history.verdict_for(base, cur2).regression
+    assert not verdict_for(base, cur2).regression
 
 
 def test_too_few_rounds_fall_back_to_medians():
-    v = history.verdict_for(bench("p", [60.0, 60.1, 59.9]), bench("p", [66.0, 66.1, 65.9]))
+    v = verdict_for(bench("p", [60.0, 60.1, 59.9]), bench("p", [66.0, 66.1, 65.9]))
     assert v.regression and "cannot reach" in v.test
 
 
@@ -168,7 +174,7 @@ def test_compare_names_the_changed_environment_field(tmp_path):
                  attention_kernel="sage")
     b = write(tmp_path / "0002_b.json", session([slow, bench("tiny", rounds(rng, median=2))], 2,
                                                 env={"env.TORCH_COMPILE": "1", "version.torch": "2.12.0"}))
-    result = history.compare(a, b)
+    result = compare(a, b)
     assert [v.fullname.split("[")[1] for v in result.regressions] == ["seed]"]
     verdict = result.regressions[0]
     assert verdict.stage.stage == "pass2" and verdict.stage.delta == pytest.approx(6.0)
@@ -190,7 +196,7 @@ def test_compare_reports_driver_kernel_and_throttling(tmp_path):
     hot = bench("seed", rounds(rng, factor=1.2), throttled=True, gpu={"throttle_reasons": ["sw_thermal_slowdown"]})
     b = write(tmp_path / "b.json", session([hot], 2, env={"nvidia_driver": "590.10", "kernel": "6.19.0"},
                                            release="6.19.0"))
-    result = history.compare(a, b)
+    result = compare(a, b)
     causes = result.likely_causes(result.regressions[0])
     assert "env:nvidia_driver: 580.159.04 -> 590.10" in causes
     assert "env:kernel: 6.18.44 -> 6.19.0" in causes
@@ -203,7 +209,7 @@ def test_machine_info_speaks_for_runs_without_a_fingerprint(tmp_path):
     rng = np.random.default_rng(3)
     a = session([bench("seed", rounds(rng))], 1, wan_env=None)
     b = session([bench("seed", rounds(rng))], 2, wan_env=None, release="6.19.0")
-    result = history.compare(write(tmp_path / "a.json", a), write(tmp_path / "b.json", b))
+    result = compare(write(tmp_path / "a.json", a), write(tmp_path / "b.json", b))
     assert [c.field for c in result.machine_changes] == ["machine:release"]
 
 
@@ -218,10 +224,10 @@ def test_measurements_in_extra_info_are_not_settings(tmp_path):
                                    "per_rank_peak_memory_bytes": [3, 4]}}
     a = write(tmp_path / "a.json", session([bench("seed", rounds(rng), **measured)], 1))
     b = write(tmp_path / "b.json", session([bench("seed", rounds(rng), **moved)], 2))
-    assert history.run_changes(history.load_run(a), history.load_run(b), KEY) == []
+    assert run_changes(load_run(a), load_run(b), KEY) == []
     degree4 = dict(moved, sequence_parallel={"degree": 4, "backend": "ulysses"})
     c = write(tmp_path / "c.json", session([bench("seed", rounds(rng), **degree4)], 3))
-    assert [ch.field for ch in history.run_changes(history.load_run(a), history.load_run(c), KEY)] \
+    assert [ch.field for ch in run_changes(load_run(a), load_run(c), KEY)] \
         == ["extra_info.sequence_parallel.degree"]
 
 
@@ -229,8 +235,8 @@ def test_different_gpu_models_are_refused_unless_forced(tmp_path, capsys):
     rng = np.random.default_rng(3)
     a = write(tmp_path / "a.json", session([bench("seed", rounds(rng))], 1))
     b = write(tmp_path / "b.json", session([bench("seed", rounds(rng))], 2, gpu="NVIDIA H200"))
-    with pytest.raises(history.GpuMismatchError, match="different GPU models.*H100.*H200"):
-        history.compare(a, b)
+    with pytest.raises(GpuMismatchError, match="different GPU models.*H100.*H200"):
+        compare(a, b)
     assert main(["compare", str(a), str(b)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--force" in err and "Traceback" not in err
@@ -253,10 +259,10 @@ def test_bad_files_are_reported_and_left_alone(tmp_path, content, problem, capsy
     bad = tmp_path / "gpu" / "0003_bad.json"
     bad.write_bytes(content if isinstance(content, bytes) else content.encode())
     before = (bad.read_bytes(), bad.stat().st_mtime_ns)
-    with pytest.raises(history.HistoryFileError) as exc:
-        history.load_run(bad)
+    with pytest.raises(HistoryFileError) as exc:
+        load_run(bad)
     assert str(bad) in str(exc.value) and problem in str(exc.value)
-    hist = history.load_history(tmp_path)
+    hist = load_history(tmp_path)
     assert [r.path for r in hist.runs] == [good1, good2]
     assert [p for p, _ in hist.skipped] == [bad]
     assert main(["compare", str(tmp_path / "gpu")]) == 0
@@ -270,14 +276,14 @@ def test_pick_runs_variants(tmp_path):
     rng = np.random.default_rng(5)
     h100 = [write(tmp_path / "h100" / f"000{d}_r.json", session([bench("seed", rounds(rng))], d)) for d in (1, 2, 3)]
     h200 = write(tmp_path / "h200" / "0001_r.json", session([bench("seed", rounds(rng))], 9, gpu="NVIDIA H200"))
-    base, cur, _ = history.pick_runs(tmp_path / "h100", None)
+    base, cur, _ = pick_runs(tmp_path / "h100", None)
     assert (base.path, cur.path) == (h100[1], h100[2])
-    base, cur, _ = history.pick_runs(h100[1], None)  # one file: the run before it beside it
+    base, cur, _ = pick_runs(h100[1], None)  # one file: the run before it beside it
     assert (base.path, cur.path) == (h100[0], h100[1])
-    base, cur, _ = history.pick_runs(tmp_path / "h100", h100[0])
+    base, cur, _ = pick_runs(tmp_path / "h100", h100[0])
     assert (base.path, cur.path) == (h100[2], h100[0])
-    with pytest.raises(history.HistoryError, match="only one run on NVIDIA H200"):
-        history.pick_runs(tmp_path, None)  # the latest run overall is the lone H200 one
+    with pytest.raises(HistoryError, match="only one run on NVIDIA H200"):
+        pick_runs(tmp_path, None)  # the latest run overall is the lone H200 one
     assert main(["compare", str(tmp_path / "empty-nothing")]) == 2
     assert h200.exists()
 
@@ -312,8 +318,8 @@ def test_compare_reads_real_pytest_benchmark_autosave(tmp_path):
                               cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "TORCH_COMPILE": flag})
         assert proc.returncode == 0, proc.stdout + proc.stderr
     assert len(list(storage.rglob("*.json"))) == 2
-    base, cur, skipped = history.pick_runs(storage, None)
-    result = history.compare(base, cur, threshold=5.0)  # sleeps: only the plumbing is under test here
+    base, cur, skipped = pick_runs(storage, None)
+    result = compare(base, cur, threshold=5.0)  # sleeps: only the plumbing is under test here
     (v,) = result.benchmarks
     assert v.fullname == "test_bench.py::test_sleep" and v.baseline_rounds == 6 and "Mann-Whitney" in v.test
     assert [c.describe() for c in result.env_changes] == ["env:env.TORCH_COMPILE: 0 -> 1"]
@@ -322,7 +328,7 @@ def test_compare_reads_real_pytest_benchmark_autosave(tmp_path):
 def test_compare_does_not_import_torch(tmp_path):
     rng = np.random.default_rng(8)
     a = write(tmp_path / "a.json", session([bench("seed", rounds(rng))], 1))
-    code = ("import sys; from wan_pipeline.cli import main; rc = main(['compare', sys.argv[1], sys.argv[1]]); "
+    code = ("import sys; from wan_pipeline.cli.main import main; rc = main(['compare', sys.argv[1], sys.argv[1]]); "
             "assert 'torch' not in sys.modules; sys.exit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(a)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
@@ -333,9 +339,9 @@ def test_compare_does_not_import_torch(tmp_path):
 def test_change_points_find_a_step_and_nothing_in_noise():
     rng = np.random.default_rng(9)
     series = np.r_[rng.normal(0, 0.01, 12), rng.normal(0.08, 0.01, 8)]
-    (cp,) = history.change_points(series, min_shift=0.05)
+    (cp,) = change_points(series, min_shift=0.05)
     assert cp["index"] == 12 and cp["p"] <= 0.05
-    false = sum(bool(history.change_points(rng.normal(0, 0.01, 15), min_shift=math.log(1.05))) for _ in range(50))
+    false = sum(bool(change_points(rng.normal(0, 0.01, 15), min_shift=math.log(1.05))) for _ in range(50))
     assert false == 0
 
 
@@ -348,7 +354,7 @@ def test_trend_names_the_run_and_the_changed_fields(tmp_path):
                     env={"version.torch": "2.12.0" if upgraded else "2.11.0"})
         write(tmp_path / "nvidia-h100-80gb-hbm3" / f"{day:04d}_run.json", s)
     write(tmp_path / "nvidia-h100-80gb-hbm3" / "0011_broken.json", {"benchmarks": "nope"})
-    series = {s.benchmark.split("[")[1]: s for s in history.trend(tmp_path)}
+    series = {s.benchmark.split("[")[1]: s for s in trend(tmp_path)}
     assert series["tiny]"].steps == []
     (step,) = series["seed]"].steps
     assert step.run.path.name == "0007_run.json" and step.previous.path.name == "0006_run.json"
@@ -362,14 +368,14 @@ def test_trend_names_the_run_and_the_changed_fields(tmp_path):
 
 def test_atomic_write_never_leaves_a_partial_file(tmp_path, monkeypatch):
     target = tmp_path / "out.json"
-    history.atomic_write_json(target, {"a": 1})
+    atomic_write_json(target, {"a": 1})
 
     def boom(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        history.atomic_write_json(target, {"a": 2})
+        atomic_write_json(target, {"a": 2})
     assert json.loads(target.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]  # no temporary left behind
 
@@ -381,7 +387,7 @@ def test_concurrent_saves_do_not_clobber(tmp_path):
 
     def save(i):
         barrier.wait()
-        paths.append(history.save_run(folder, session([bench("seed", [60.0 + i] * 5)], 1), f"session{i}"))
+        paths.append(save_run(folder, session([bench("seed", [60.0 + i] * 5)], 1), f"session{i}"))
 
     threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
     for t in threads:
@@ -392,13 +398,13 @@ def test_concurrent_saves_do_not_clobber(tmp_path):
     assert [p.name for p in folder.iterdir() if not p.name.endswith(".json")] == [".wan-bench.lock"]
     assert len(files) == 8 == len(set(paths))
     assert sorted(p.name[:4] for p in files) == [f"{i:04d}" for i in range(1, 9)]
-    medians = sorted(history.load_run(p).benchmarks["tests/benchmarks/test_wan.py::test_pipeline[seed]"]["stats"]["median"]
+    medians = sorted(load_run(p).benchmarks["tests/benchmarks/test_wan.py::test_pipeline[seed]"]["stats"]["median"]
                      for p in files)
     assert medians == [60.0 + i for i in range(8)]
     with pytest.raises(FileExistsError):
-        history.atomic_write_bytes(files[0], b"{}", overwrite=False)
+        atomic_write_bytes(files[0], b"{}", overwrite=False)
 
 
 def test_errors_are_wan_bench_errors():
-    assert issubclass(history.HistoryFileError, WanBenchError)
-    assert issubclass(history.GpuMismatchError, WanBenchError)
+    assert issubclass(HistoryFileError, WanBenchError)
+    assert issubclass(GpuMismatchError, WanBenchError)

@@ -6,17 +6,14 @@ import json
 
 import pytest
 import torch
-from checkpoints import (
-    tiny_spiece, tiny_transformer, tiny_umt5, tiny_vae, touch, wan_original_name, wan_vae_original_name,
-    write_diffusers_folder, write_umt5_file, write_vae_file, write_wan_file,
-)
+from checkpoints import (tiny_spiece, tiny_transformer, tiny_umt5, tiny_vae, touch, wan_original_name,
+                         wan_vae_original_name, write_diffusers_folder, write_umt5_file, write_vae_file, write_wan_file)
 from safetensors.torch import save_file
 
-from wan_pipeline import config as cfg
-from wan_pipeline.loading import (
-    CheckpointError, LoadingError, MissingModelFiles, PickleCheckpointRefused, find_model_files, has_model_files,
-    load_expert_weights, load_text_encoder, load_transformer, load_vae,
-)
+from wan_pipeline.plan import config as cfg
+from wan_pipeline.run.loading import (CheckpointError, LoadingError, MissingModelFiles, PickleCheckpointRefused,
+                                      find_model_files, has_model_files, load_expert_weights, load_text_encoder,
+                                      load_transformer, load_vae)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +162,7 @@ def test_text_encoder_comfyui_file(tmp_path, fp8):
             assert torch.equal(te(ids, attention_mask=mask).last_hidden_state,
                                src(ids, attention_mask=mask).last_hidden_state)
     else:  # ComfyUI keeps an fp8 file in fp8: the file's own values and scales come back exactly
-        from wan_pipeline.precision import Fp8Linear, store_text_encoder_fp8
+        from wan_pipeline.run.precision import Fp8Linear, store_text_encoder_fp8
 
         store_text_encoder_fp8(te, torch.float32, te.fp8_file_scales)
         stored = {n: m for n, m in te.named_modules() if isinstance(m, Fp8Linear)}

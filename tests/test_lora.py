@@ -7,8 +7,8 @@ import torch
 from checkpoints import tiny_transformer, write_diffusers_folder, write_wan_file
 from safetensors.torch import save_file
 
-from wan_pipeline.loading import load_expert_weights
-from wan_pipeline.lora import LoraError
+from wan_pipeline.run.loading import load_expert_weights
+from wan_pipeline.run.lora import LoraError
 
 TARGET = "blocks.1.self_attn.q"  # original name; diffusers: blocks.1.attn1.to_q
 TARGET_D = "blocks.1.attn1.to_q.weight"

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from wan_pipeline import metrics as M
-from wan_pipeline.cli import main
+from wan_pipeline.cli.main import main
 from wan_pipeline.errors import WanBenchError
-from wan_pipeline.video import resize_center_crop
+from wan_pipeline.measure import metrics as M
+from wan_pipeline.measure.media import resize_center_crop
 
 IMAGE_KEYS = ("first_frame_ssim", "first_frame_psnr")
 
@@ -217,7 +217,7 @@ def test_bad_frames_raise_a_named_error(frames, message):
 
 
 def test_metrics_modules_do_not_import_torch():
-    code = ("import sys, wan_pipeline.metrics, wan_pipeline.video, wan_pipeline.cli_metrics; "
+    code = ("import sys, wan_pipeline.measure.metrics, wan_pipeline.measure.media, wan_pipeline.cli.metrics; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], cwd=str(_repo_root())).returncode == 0
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wan_pipeline import metrics as M
-from wan_pipeline.video import read_frames, read_image
+from wan_pipeline.measure import metrics as M
+from wan_pipeline.measure.media import read_frames, read_image
 
 media = pytest.importorskip(
     "comfyui_workflow_templates_media_video",
@@ -152,7 +152,7 @@ def test_first_frame_matches_its_own_input_image_best(clip):
 
 
 def test_shipped_quality_thresholds_pass_the_real_clip_and_catch_corruptions(clip, real, corrupted):
-    from wan_pipeline.budgets import load_budgets
+    from wan_pipeline.plan.budgets import load_budgets
 
     thresholds = load_budgets().quality_for("seed-832x1216-49f")
     assert thresholds.violations(real) == []

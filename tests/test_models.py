@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from wan_pipeline import conditioning
-from wan_pipeline.config import ModelSetKey
 from wan_pipeline.errors import WanBenchError
-from wan_pipeline.models import Residency, load_model_set, resolve_mode
-from wan_pipeline.plan import make_plan
-from wan_pipeline.presets import get_preset
-from wan_pipeline.video import resize_center_crop
+from wan_pipeline.measure.media import resize_center_crop
+from wan_pipeline.plan.config import ModelSetKey
+from wan_pipeline.plan.plan import make_plan
+from wan_pipeline.plan.presets import get_preset
+from wan_pipeline.run import conditioning
+from wan_pipeline.run.models import Residency, load_model_set, resolve_mode
 
 GB = 10**9
 
@@ -63,7 +63,7 @@ class FakeSet:
     (14.3, 25.7, 8, "offload-idle-expert"),  # a 24 GB card: one expert at a time, as ComfyUI does
 ])
 def test_residency_policy_follows_the_card(monkeypatch, expert_gb, total_gb, reserve_gb, policy):
-    import wan_pipeline.models as models
+    import wan_pipeline.run.models as models
 
     fake = FakeSet(int(expert_gb * GB), int(11.4 * GB))
     monkeypatch.setattr(models, "parameter_bytes", lambda m: m if isinstance(m, int) else 0)
@@ -71,7 +71,7 @@ def test_residency_policy_follows_the_card(monkeypatch, expert_gb, total_gb, res
 
 
 def test_residency_refuses_a_card_too_small_for_one_expert(monkeypatch):
-    import wan_pipeline.models as models
+    import wan_pipeline.run.models as models
 
     monkeypatch.setattr(models, "parameter_bytes", lambda m: m if isinstance(m, int) else 0)
     with pytest.raises(WanBenchError, match="do not fit"):
@@ -123,7 +123,7 @@ def test_text_encoding_is_zero_past_the_end_token(tiny):
 
 
 def test_auto_precision_is_what_comfyui_runs_fp8_scaled_files_with(monkeypatch):
-    from wan_pipeline.precision import resolve_precision
+    from wan_pipeline.run.precision import resolve_precision
 
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
@@ -135,8 +135,8 @@ def test_auto_precision_is_what_comfyui_runs_fp8_scaled_files_with(monkeypatch):
 
 @pytest.mark.parametrize("precision, fast_accum", [("fp8-scaled-mm", False), ("fp8-scaled-mm-fast", True)])
 def test_fp8_matmul_modes_differ_only_in_the_accumulation_they_ask_for(monkeypatch, precision, fast_accum):
-    from wan_pipeline import precision as precision_module
-    from wan_pipeline.precision import Fp8Linear, apply_precision
+    from wan_pipeline.run import precision as precision_module
+    from wan_pipeline.run.precision import Fp8Linear, apply_precision
 
     torch.manual_seed(0)
     block = torch.nn.Sequential(torch.nn.Linear(64, 48))
@@ -164,14 +164,14 @@ def test_fp8_matmul_modes_differ_only_in_the_accumulation_they_ask_for(monkeypat
 
 
 def test_fp8_matmul_on_a_cpu_is_refused_with_the_precision_named():
-    from wan_pipeline.precision import check_fp8_matmul
+    from wan_pipeline.run.precision import check_fp8_matmul
 
     with pytest.raises(WanBenchError, match="fp8-scaled-mm-fast needs a CUDA GPU"):
         check_fp8_matmul(torch.device("cpu"), "fp8-scaled-mm-fast")
 
 
 def test_real_experts_park_in_cpu_memory_when_they_do_not_fit():
-    from wan_pipeline.models import expert_load_device
+    from wan_pipeline.run.models import expert_load_device
 
     cuda = torch.device("cuda", 0)
     fp8_expert = int(14.3 * GB)
@@ -191,7 +191,7 @@ def test_real_experts_park_in_cpu_memory_when_they_do_not_fit():
     ("offload-idle-expert", "vae", ["text_encoder"]),
 ])
 def test_residency_evicts_what_the_policy_says(monkeypatch, policy, name, evicted):
-    import wan_pipeline.models as models
+    import wan_pipeline.run.models as models
 
     monkeypatch.setattr(models, "parameter_bytes", lambda m: m if isinstance(m, int) else 0)
     residency = Residency(FakeSet(int(14.3 * GB), int(11.4 * GB)), reserve_bytes=0, total_bytes=int(100 * GB))
@@ -203,7 +203,7 @@ def test_residency_evicts_what_the_policy_says(monkeypatch, policy, name, evicte
 
 
 def test_a_chosen_residency_is_kept_when_it_fits_and_refused_with_the_numbers_when_not(monkeypatch):
-    import wan_pipeline.models as models
+    import wan_pipeline.run.models as models
 
     monkeypatch.setattr(models, "parameter_bytes", lambda m: m if isinstance(m, int) else 0)
     fake = FakeSet(int(14.3 * GB), int(11.4 * GB))
@@ -214,7 +214,7 @@ def test_a_chosen_residency_is_kept_when_it_fits_and_refused_with_the_numbers_wh
 
 
 def test_offloading_keeps_one_host_copy_and_moves_no_data_the_second_time(monkeypatch):
-    import wan_pipeline.models as models
+    import wan_pipeline.run.models as models
 
     encoder = torch.nn.Linear(4, 4)
     fake = FakeSet(int(14.3 * GB), int(11.4 * GB))
@@ -236,8 +236,8 @@ def test_offloading_keeps_one_host_copy_and_moves_no_data_the_second_time(monkey
 def test_random_text_encoders_stand_for_comfyuis_fp8_umt5_file_in_fp8_runs():
     import copy
 
-    from wan_pipeline.models import TINY_UMT5, random_text_encoder
-    from wan_pipeline.precision import Fp8Linear, store_text_encoder_fp8
+    from wan_pipeline.run.models import TINY_UMT5, random_text_encoder
+    from wan_pipeline.run.precision import Fp8Linear, store_text_encoder_fp8
 
     encoder = random_text_encoder(TINY_UMT5, torch.device("cpu"), torch.bfloat16, seed=5)
     reference = copy.deepcopy(encoder)

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from wan_pipeline.config import ConfigError
-from wan_pipeline.plan import make_plan, tiny_geometry, token_count, warmup_plan
-from wan_pipeline.presets import DEFAULT_MATRIX, PRESETS, get_preset
+from wan_pipeline.plan.config import ConfigError
+from wan_pipeline.plan.plan import make_plan, tiny_geometry, token_count, warmup_plan
+from wan_pipeline.plan.presets import DEFAULT_MATRIX, PRESETS, get_preset
 
 
 def test_seed_preset_plan_matches_reference():
@@ -139,7 +139,7 @@ def test_cli_unknown_preset_exits_2_with_one_line():
 
 
 def test_forward_flops_match_reference_section_4():
-    from wan_pipeline.case import forward_flops
+    from wan_pipeline.run.case import forward_flops
 
     # REFERENCE §4, 832x1216x49 (51,376 tokens): linear layers 1.23 PFLOP + self-attention 2.16 PFLOP (64 %)
     total = forward_flops(51376)
@@ -149,7 +149,7 @@ def test_forward_flops_match_reference_section_4():
 
 
 def test_case_ids_name_every_setting_that_is_not_the_default():
-    from wan_pipeline.case import WanCase
+    from wan_pipeline.run.case import WanCase
 
     base = get_preset("seed-832x1216-49f").replace(precision="fp8-scaled-mm")
     assert WanCase(base, "synthetic").id == "seed-832x1216-49f-sdpa-fp8-scaled-mm-compile0"  # ids of old histories
@@ -159,7 +159,7 @@ def test_case_ids_name_every_setting_that_is_not_the_default():
 
 
 def test_torch_compile_is_read_one_way_everywhere():
-    from wan_pipeline.config import compile_values
+    from wan_pipeline.plan.config import compile_values
 
     assert compile_values(None) == (False,) and compile_values(" On ") == (True,) and compile_values("0") == (False,)
     assert compile_values("both") == (False, True)
@@ -185,7 +185,7 @@ def test_the_cli_refuses_a_torch_compile_it_cannot_honour(value, message):
 def test_a_lora_at_strength_zero_is_no_lora_for_every_consumer():
     import dataclasses
 
-    from wan_pipeline.config import ModelSetKey
+    from wan_pipeline.plan.config import ModelSetKey
 
     cfg = get_preset("seed-832x1216-49f")
     off = cfg.replace(passes=tuple(dataclasses.replace(p, lora_strength=0.0) for p in cfg.passes))
@@ -195,8 +195,8 @@ def test_a_lora_at_strength_zero_is_no_lora_for_every_consumer():
 
 
 def test_the_compile_estimate_subtracts_what_a_compiled_warmup_takes():
-    from wan_pipeline.case import CaseRun
-    from wan_pipeline.pipeline import Generation
+    from wan_pipeline.run.case import CaseRun
+    from wan_pipeline.run.pipeline import Generation
 
     plan = make_plan(get_preset("seed-832x1216-49f"), "synthetic")  # two steps per pass
     run = CaseRun(plan, prepared=None)

@@ -7,8 +7,8 @@ import re
 import numpy as np
 import pytest
 
-from wan_pipeline.cli import main
-from wan_pipeline.report import read_frames, write_report
+from wan_pipeline.cli.main import main
+from wan_pipeline.history.report import read_frames, write_report
 
 
 def _session(day, factor, rng, video=None, torch_version="2.11.0"):

@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 
-from wan_pipeline import sampler
-from wan_pipeline.models import TINY_TRANSFORMER, random_transformer
-from wan_pipeline.plan import make_plan
-from wan_pipeline.presets import get_preset
+from wan_pipeline.plan.plan import make_plan
+from wan_pipeline.plan.presets import get_preset
+from wan_pipeline.run import sampler
+from wan_pipeline.run.models import TINY_TRANSFORMER, random_transformer
 
 
 def test_latent_normalisation_round_trip():

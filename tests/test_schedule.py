@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from wan_pipeline import schedule
+from wan_pipeline.plan import schedule
 
 F32 = np.float32
 

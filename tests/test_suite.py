@@ -6,8 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from wan_pipeline.cache import ModelCache
-from wan_pipeline.presets import get_preset
+
+from wan_pipeline.plan.presets import get_preset
+from wan_pipeline.run.cache import ModelCache
 
 pytest_plugins = ["pytester"]
 
@@ -52,7 +53,7 @@ def test_model_set_loads_once_for_cases_that_share_it():
     loads = []
 
     def loader(key, **kwargs):
-        from wan_pipeline.models import load_model_set
+        from wan_pipeline.run.models import load_model_set
 
         loads.append(key)
         return load_model_set(key, **kwargs)
@@ -90,7 +91,7 @@ def test_matrix_is_ordered_to_minimise_reloads(inner):
 def test_out_of_memory_fails_one_case_clearly_and_the_session_goes_on(inner):
     inner.makeconftest("""
 import torch
-import wan_pipeline.case as case
+import wan_pipeline.run.case as case
 
 real = case.generate
 def generate(prepared, plan, progress=False):
@@ -159,7 +160,7 @@ def test_workflow_option_benchmarks_the_workflow_and_its_variants(inner):
 
 
 def test_synthetic_runs_write_no_clip_and_no_metrics_unless_asked():
-    from wan_pipeline.pytest_plugin import clip_format, quality_metrics_wanted
+    from wan_pipeline.suite.options import clip_format, quality_metrics_wanted
 
     assert clip_format("auto", "synthetic") is None  # full-size noise: seconds of encoding, nothing to see
     assert clip_format("auto", "real") == "mp4" and clip_format("auto", "tiny") == "mp4"

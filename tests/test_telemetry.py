@@ -6,7 +6,7 @@ from collections import namedtuple
 
 import pytest
 
-from wan_pipeline import telemetry
+from wan_pipeline.measure import telemetry
 
 Mem = namedtuple("Mem", "total free used")
 Viol = namedtuple("Viol", "referenceTime violationTime")
@@ -130,7 +130,7 @@ def test_fingerprint_names_speed_variables_and_versions(monkeypatch, fake_nvml):
 def test_fingerprint_does_not_import_torch(monkeypatch):
     import subprocess
 
-    code = ("import sys; from wan_pipeline import telemetry; fp = telemetry.environment_fingerprint(); "
+    code = ("import sys; from wan_pipeline.measure import telemetry; fp = telemetry.environment_fingerprint(); "
             "assert 'torch' not in sys.modules, 'torch imported'; print(fp['torch.cuda'])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -177,7 +177,7 @@ def test_gpu_slug(value, slug):
 
 
 def test_snapshot_follows_cuda_visible_devices():
-    from wan_pipeline.telemetry import visible_gpu_index
+    from wan_pipeline.measure.telemetry import visible_gpu_index
 
     assert visible_gpu_index({}) == 0
     assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "3"}) == 3

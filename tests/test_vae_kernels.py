@@ -4,8 +4,8 @@
 import pytest
 import torch
 
-from wan_pipeline import vae_kernels
-from wan_pipeline.models import TINY_VAE, random_vae
+from wan_pipeline.run import vae_kernels
+from wan_pipeline.run.models import TINY_VAE, random_vae
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_fused_norm_in_bf16_rounds_once_where_diffusers_rounds_three_times(vae):
 def test_the_stock_reference_gets_diffusers_vae_back():
     from types import SimpleNamespace
 
-    from wan_pipeline import reference
+    from wan_pipeline.run import reference
 
     vae = random_vae(TINY_VAE, torch.device("cpu"), torch.float32, seed=4)
     vae_kernels.apply(vae, channels_last=False, fuse_norms=True, compiled=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wan_pipeline.vae_split import Band, VaeBands, bands, gather_bands
+from wan_pipeline.run.vae_split import Band, VaeBands, bands, gather_bands
 
 
 def test_bands_cover_every_row_once_evenly_with_clipped_halos():
@@ -82,7 +82,7 @@ def test_gather_drops_the_padding_of_shorter_bands():
 def _gloo_rank(rank, world, port, queue):
     import torch.distributed as dist
 
-    from wan_pipeline.vae_split import process_group_all_gather
+    from wan_pipeline.run.vae_split import process_group_all_gather
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -117,7 +117,7 @@ def test_the_process_group_gather_on_two_gloo_ranks():
 def test_the_tiny_wan_vae_split_in_two_stays_close_to_the_whole_frame():
     """The Wan VAE's mid-block attention sees band plus halo only: close, not identical (the launcher reports the
     PSNR of the real run's frames)."""
-    from wan_pipeline.models import TINY_VAE, random_vae
+    from wan_pipeline.run.models import TINY_VAE, random_vae
 
     vae = random_vae(TINY_VAE, torch.device("cpu"), torch.float32, seed=3)
     torch.manual_seed(0)

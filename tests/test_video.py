@@ -9,16 +9,8 @@ import pytest
 from PIL import Image
 
 from wan_pipeline.errors import WanBenchError
-from wan_pipeline.video import (
-    VideoReadError,
-    VideoWriteError,
-    center_crop_box,
-    read_frames,
-    read_image,
-    resize_bilinear,
-    resize_center_crop,
-    write_video,
-)
+from wan_pipeline.measure.media import (VideoReadError, VideoWriteError, center_crop_box, read_frames, read_image,
+                                        resize_bilinear, resize_center_crop, write_video)
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -181,7 +173,7 @@ def test_read_image_applies_exif_rotation(tmp_path):
 
 
 def test_failed_write_leaves_existing_file_intact(tmp_path, monkeypatch):
-    import wan_pipeline.video as video
+    import wan_pipeline.measure.media as video
 
     target = tmp_path / "clip.mp4"
     target.write_bytes(b"previous video")
@@ -205,7 +197,7 @@ def test_write_replaces_existing_file(tmp_path):
 
 
 def test_clips_get_the_same_permissions_as_the_json_records_beside_them(tmp_path):
-    from wan_pipeline.history import atomic_write_json
+    from wan_pipeline.fsutil import atomic_write_json
 
     clip = write_video(_moving_clip(t=2), tmp_path / "clip.webp", fps=8)
     record = atomic_write_json(tmp_path / "clip.json", {})

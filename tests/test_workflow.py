@@ -10,17 +10,12 @@ import sys
 
 import pytest
 
-from wan_pipeline.config import HIGH_NOISE_LORA, HIGH_NOISE_MODEL, LOW_NOISE_LORA, LOW_NOISE_MODEL
 from wan_pipeline.errors import WanBenchError, WorkflowError
-from wan_pipeline.plan import make_plan
-from wan_pipeline.workflow import (
-    DEFAULT_WAN_SHIFT,
-    configs_from_workflow,
-    load_workflow_chains,
-    load_workflow_configs,
-    workflow_chains,
-    workflow_matrix,
-)
+from wan_pipeline.plan.comfy import (configs_from_workflow, load_workflow_chains, load_workflow_configs,
+                                     workflow_chains, workflow_matrix)
+from wan_pipeline.plan.comfy.chains import DEFAULT_WAN_SHIFT
+from wan_pipeline.plan.config import HIGH_NOISE_LORA, HIGH_NOISE_MODEL, LOW_NOISE_LORA, LOW_NOISE_MODEL
+from wan_pipeline.plan.plan import make_plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIX = os.path.join(ROOT, "fixtures", "workflows")
@@ -325,7 +320,8 @@ def test_load_image_is_found_next_to_the_workflow_or_in_comfyui_input(tmp_path, 
     import shutil
     from pathlib import Path
 
-    from wan_pipeline.workflow import WorkflowError, load_workflow_configs, locate_input_image
+    from wan_pipeline.errors import WorkflowError
+    from wan_pipeline.plan.comfy import load_workflow_configs, locate_input_image
 
     source = Path(__file__).parent.parent / "fixtures" / "workflows" / "users_variant.json"
     workflow = tmp_path / "wf" / "users_variant.json"

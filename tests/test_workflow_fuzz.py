@@ -17,10 +17,10 @@ hypothesis = pytest.importorskip("hypothesis", reason="optional test dependency 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from wan_pipeline.config import ConfigError, RunConfig  # noqa: E402
 from wan_pipeline.errors import WorkflowError  # noqa: E402
-from wan_pipeline.plan import make_plan  # noqa: E402
-from wan_pipeline.workflow import configs_from_workflow, load_workflow_configs  # noqa: E402
+from wan_pipeline.plan.comfy import configs_from_workflow, load_workflow_configs  # noqa: E402
+from wan_pipeline.plan.config import ConfigError, RunConfig  # noqa: E402
+from wan_pipeline.plan.plan import make_plan  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEMPLATE = "video_wan2_2_14B_i2v.json"

@@ -16,9 +16,9 @@ import os
 import pytest
 
 from wan_pipeline.errors import WorkflowError
-from wan_pipeline.config import HIGH_NOISE_LORA, HIGH_NOISE_MODEL, LOW_NOISE_LORA, LOW_NOISE_MODEL
-from wan_pipeline.plan import make_plan
-from wan_pipeline.workflow import configs_from_workflow, load_workflow_chains, workflow_chains, workflow_matrix
+from wan_pipeline.plan.comfy import configs_from_workflow, load_workflow_chains, workflow_chains, workflow_matrix
+from wan_pipeline.plan.config import HIGH_NOISE_LORA, HIGH_NOISE_MODEL, LOW_NOISE_LORA, LOW_NOISE_MODEL
+from wan_pipeline.plan.plan import make_plan
 
 TEMPLATE = "video_wan2_2_14B_i2v.json"
 

@@ -1,3 +1,3 @@
-from .cli import main
+from wan_pipeline.cli.main import main
 
 raise SystemExit(main())

@@ -9,11 +9,11 @@ import time
 import pytest
 import torch
 
-from wan_pipeline.case import expert_forward_flops
-from wan_pipeline.distributed import is_primary_rank
-from wan_pipeline.history import atomic_write_json
-from wan_pipeline.pytest_plugin import out_of_memory_isolation
-from wan_pipeline.reference import cosine, forward_inputs
+from wan_pipeline.fsutil import atomic_write_json
+from wan_pipeline.run.case import expert_forward_flops
+from wan_pipeline.run.parallel import is_primary_rank
+from wan_pipeline.run.reference import cosine, forward_inputs
+from wan_pipeline.suite.fixtures import out_of_memory_isolation
 
 
 def _synchronize(device):

@@ -6,12 +6,13 @@ latency budget and the quality thresholds are checked after the rounds, with the
 
 import pytest
 
-from wan_pipeline.case import CaseRun
-from wan_pipeline.distributed import compare_with_single_gpu, is_primary_rank
-from wan_pipeline.metrics import compute_metrics
-from wan_pipeline.history import atomic_write_json
-from wan_pipeline.pytest_plugin import clip_format, out_of_memory_isolation, quality_metrics_wanted
-from wan_pipeline.video import write_video
+from wan_pipeline.fsutil import atomic_write_json
+from wan_pipeline.measure.media import write_video
+from wan_pipeline.measure.metrics import compute_metrics
+from wan_pipeline.run.case import CaseRun
+from wan_pipeline.run.parallel import compare_with_single_gpu, is_primary_rank
+from wan_pipeline.suite.fixtures import out_of_memory_isolation
+from wan_pipeline.suite.options import clip_format, quality_metrics_wanted
 
 
 @pytest.mark.wan

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from wan_pipeline.metrics import METRIC_KEYS, compute_metrics, flow_scale, ssim_scale
+from wan_pipeline.measure.metrics import METRIC_KEYS, compute_metrics, flow_scale, ssim_scale
 
 FRAMES, HEIGHT, WIDTH = 49, 1216, 832
 TARGET_S = 10.0

@@ -6,8 +6,8 @@ boundary). The speed-up of every generation case over it is added to the JSON at
 
 import pytest
 
-from wan_pipeline.pytest_plugin import out_of_memory_isolation
-from wan_pipeline.reference import run_stock, stock_pipeline
+from wan_pipeline.run.reference import run_stock, stock_pipeline
+from wan_pipeline.suite.fixtures import out_of_memory_isolation
 
 
 @pytest.mark.wan

@@ -1,0 +1,153 @@
+"""`wan-bench plan` and `wan-bench run`: from a preset (or workflow file) to a plan, and to one generation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from wan_pipeline.errors import WanBenchError
+from wan_pipeline.plan.config import ATTENTION_BACKENDS, MODES, PRECISIONS, RESIDENCIES, RunConfig, compile_values
+from wan_pipeline.plan.plan import Plan, make_plan
+from wan_pipeline.plan.presets import PRESETS, get_preset
+
+
+def _add_source_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--preset", default="seed-832x1216-49f", help=f"preset name ({', '.join(PRESETS)})")
+    src.add_argument("--workflow", metavar="FILE", help="a ComfyUI workflow file (UI or API format)")
+    p.add_argument("--mode", choices=("auto",) + MODES, default="auto", help="model source (default: auto)")
+    p.add_argument("--models", metavar="DIR", default=os.environ.get("WAN_MODELS_DIR"),
+                   help="ComfyUI models folder or diffusers folder (default: $WAN_MODELS_DIR)")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, help="attention backend (default: the preset's)")
+    p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default: the preset's)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="regional torch.compile of the transformer blocks (default: $TORCH_COMPILE)")
+    p.add_argument("--seed", type=int, help="noise seed (default: the preset's)")
+    p.add_argument("--residency", choices=RESIDENCIES,
+                   help="what stays on the GPU (default auto: everything that fits)")
+    p.add_argument("--vae-bands", type=int, metavar="N",
+                   help="VAE in N bands of rows one after another, as ComfyUI's tiled VAE nodes (default 1)")
+
+
+def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
+    if args.workflow:
+        from wan_pipeline.plan.comfy import load_workflow_configs, locate_input_image
+
+        mode = resolve_mode_for_plan(args.mode, args.models)
+        configs = [locate_input_image(c, args.workflow, args.models, mode)
+                   for c in load_workflow_configs(args.workflow)]
+    else:
+        configs = [get_preset(args.preset)]
+    overrides = {}
+    if args.attention:
+        overrides["attention"] = args.attention
+    if args.precision:
+        overrides["precision"] = args.precision
+    compile_flag = args.compile
+    if compile_flag is None and os.environ.get("TORCH_COMPILE") is not None:
+        values = compile_values(os.environ["TORCH_COMPILE"])  # a typo is an error here too, never a silent "off"
+        if len(values) != 1:
+            raise WanBenchError("TORCH_COMPILE=both crosses the suite's matrix; one run takes 0 or 1")
+        compile_flag = values[0]
+    if compile_flag is not None:
+        overrides["compile"] = compile_flag
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    if args.residency:
+        overrides["residency"] = args.residency
+    if args.vae_bands is not None:
+        overrides["vae_bands"] = args.vae_bands
+    return [c.replace(**overrides) for c in configs]
+
+
+def configure_plan_parser(p: argparse.ArgumentParser) -> None:
+    _add_source_arguments(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (stable keys)")
+
+
+def format_plan(plan: Plan) -> str:
+    lines = [
+        f"{plan.config.name}: {plan.width}x{plan.height}, {plan.frames} frames at {plan.config.fps} fps, "
+        f"seed {plan.config.seed}, mode {plan.mode}",
+        f"  latent {list(plan.latent_shape)}, {plan.tokens} tokens, {plan.forwards} model forwards",
+    ]
+    if plan.scaled_from:
+        w, h, n = plan.scaled_from
+        lines.append(f"  tiny mode: reduced from {w}x{h}x{n}")
+    for i, p in enumerate(plan.passes, 1):
+        c = p.config
+        lora = f"{c.lora_file} @ {c.lora_strength}" if c.lora_file else "no LoRA"
+        lines.append(
+            f"  pass {i} [{c.expert}] {c.model_file} + {lora}, shift {c.shift}, steps {c.start_at_step}..{c.end_at_step}"
+            f" of {c.steps}, cfg {c.cfg}, {c.sampler}/{c.scheduler}, add_noise {c.add_noise}, "
+            f"leftover noise {c.return_with_leftover_noise}"
+        )
+        lines.append(f"    sigmas {[round(s, 7) for s in p.sigmas]}  timesteps {[round(t, 4) for t in p.timesteps]}"
+                     f"  forwards {p.forwards}")
+    for i, s in enumerate(plan.handover_scales, 1):
+        lines.append(f"  hand-over {i}->{i + 1}: latent x {s:.7f}")
+    return "\n".join(lines)
+
+
+def resolve_mode_for_plan(requested: str, models_dir: str | None) -> str:
+    if requested != "auto":
+        return requested
+    from wan_pipeline.run.models import resolve_mode
+
+    return resolve_mode("auto", models_dir)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    mode = resolve_mode_for_plan(args.mode, args.models)
+    plans = [make_plan(c, mode) for c in configs_from_args(args)]
+    if args.json:
+        out = [p.to_json() for p in plans]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    else:
+        print("\n\n".join(format_plan(p) for p in plans))
+    return 0
+
+
+def configure_run_parser(p: argparse.ArgumentParser) -> None:
+    _add_source_arguments(p)
+    p.add_argument("--out", metavar="DIR", default="wan-bench-out", help="where the video and record go")
+    p.add_argument("--format", choices=("mp4", "webp"), default="mp4", help="video container")
+    p.add_argument("--gpus", type=int, default=None,
+                   help="sequence-parallel (Ulysses) generation over N local GPUs via torchrun, compared with the "
+                        "one-GPU run of the same preset")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds per run with --gpus (default 3)")
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from wan_pipeline.plan.config import default_allocator_settings
+
+    default_allocator_settings()
+    from wan_pipeline.run.pipeline import run_and_save
+
+    configs = configs_from_args(args)
+    mode = resolve_mode_for_plan(args.mode, args.models)
+    if args.gpus is not None:
+        return run_sequence_parallel_cli(args, configs, mode)
+    for config in configs:
+        record = run_and_save(config, mode=mode, models_dir=args.models, out_dir=args.out,
+                              video_format=args.format, progress=True)
+        print(f"{config.name}: {record['total_seconds']:.2f} s ({mode}); video {record['video']}; "
+              f"record {record['record']}")
+    return 0
+
+
+def run_sequence_parallel_cli(args: argparse.Namespace, configs: list[RunConfig], mode: str) -> int:
+    from wan_pipeline.launch.torchrun import run_sequence_parallel
+
+    if args.workflow or mode == "real":
+        raise WanBenchError("--gpus runs presets in synthetic (or tiny) mode; workflows and real weights run on one GPU")
+    config = configs[0]
+    summary = run_sequence_parallel(preset=config.name, mode=mode, degree=args.gpus, precision=config.precision,
+                                    attention=config.attention, rounds=args.rounds, out_dir=args.out)
+    mem = ", ".join(f"{b / 2**30:.1f}" for b in summary["per_rank_peak_memory_bytes"])
+    print(f"{config.name} ({mode}): 1 GPU {summary['single_gpu_seconds']:.2f} s, {args.gpus} GPUs "
+          f"{summary['parallel_seconds']:.2f} s: {summary['speedup']}x, efficiency {summary['efficiency']}; "
+          f"per-rank peak {mem} GiB; latent cosine vs 1 GPU {summary['latent_cosine_vs_single_gpu']:.5f}")
+    return 0
+

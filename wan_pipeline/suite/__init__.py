@@ -1,0 +1,1 @@
+"""The pytest suite: the plugin's hooks, its options, the case matrix, fixtures and the matrix over GPUs."""
