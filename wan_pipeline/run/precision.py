@@ -1,7 +1,7 @@
 """Precision modes of the experts' linear layers: bf16/fp16, fp8 storage upcast per layer, fp8 matmul.
 
 `fp8-scaled-mm` runs the transformer blocks' Linear layers the way ComfyUI runs fp8_scaled files on sm >= 8.9
-(REFERENCE §2): weight float8_e4m3fn with a per-tensor scale, input clamped to +-448 and cast to fp8 (or divided
+(docs/comfyui.md, section 10): weight float8_e4m3fn with a per-tensor scale, input clamped to +-448 and cast to fp8 (or divided
 by the file's `scale_input` when it has one), then `torch._scaled_mm` with float output in the compute dtype.
 `fp8-scaled-mm-fast` is the same with `use_fast_accum=True`, the accumulation torchao's float8 inference uses:
 Hopper's fp8 tensor cores accumulate in reduced precision between the periodic fp32 promotions.
