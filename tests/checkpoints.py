@@ -138,13 +138,21 @@ def fp8_scale(t: torch.Tensor) -> torch.Tensor:
     return (t.float().abs().max() / 448.0).clamp(min=1e-12).reshape(())
 
 
+# ComfyUI's WanModel Linear layers (comfy/ldm/wan/model.py), original names; written out here on purpose (not
+# imported from the loader under test)
+COMFY_LINEAR = re.compile(r"(text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|head\.head"
+                          r"|blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02])\.(weight|bias)")
+
+
 def write_wan_file(path, model, fmt: str = "bf16", *, prefix: str = "", scale_input: bool = False,
-                   edit=None) -> dict[str, torch.Tensor]:
+                   edit=None, marker_elements: int = 0) -> dict[str, torch.Tensor]:
     """Write ``model`` as a single-file checkpoint in the original Wan layout; return {original name: float32 value
     the loader should reproduce (dequantized)}.
 
     fmt: "fp32", "bf16", "fp16", "fp8_e4m3fn" (2-D weights cast to fp8, scale 1), "fp8_scaled" (2-D block weights
-    quantized with a per-tensor scale, ``scale_weight`` + ``scaled_fp8`` marker), "fp8_quant_metadata" (the same
+    quantized with a per-tensor scale, ``scale_weight`` + ``scaled_fp8`` marker of ``marker_elements`` elements;
+    the returned values of Linear biases and non-fp8 Linear weights are fp8-rounded, as ComfyUI loads them),
+    "fp8_quant_metadata" (the same
     with ``weight_scale`` tensors and ``_quantization_metadata`` in the header).
     """
     sd = {wan_original_name(k): v.detach().clone() for k, v in model.state_dict().items()}
@@ -177,7 +185,12 @@ def write_wan_file(path, model, fmt: str = "bf16", *, prefix: str = "", scale_in
                 out[k] = v.to(torch.bfloat16)
                 expected[k] = out[k].float()
     if fmt == "fp8_scaled":
-        out["scaled_fp8"] = torch.empty(0, dtype=FP8)
+        out["scaled_fp8"] = torch.empty(marker_elements, dtype=FP8)
+        # ComfyUI 0.3.64's scaled-fp8 Linear holds every Linear weight and bias in fp8: a bias is copied in
+        # unscaled, a weight stored in another dtype is cast with scale 1
+        for k in out:
+            if COMFY_LINEAR.fullmatch(k) and out[k].dtype != FP8:
+                expected[k] = out[k].to(FP8).float()
     if fmt == "fp8_quant_metadata":
         metadata = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
     save_file({prefix + k: v.contiguous() for k, v in out.items()}, str(path), metadata=metadata)

@@ -141,8 +141,10 @@ def test_no_import_circles():
 FIXTURES = ROOT / "fixtures" / "workflows"
 
 NO_TORCH_COMMANDS = {
-    "plan-workflow": ["plan", "--mode", "tiny", "--workflow", str(FIXTURES / "users_variant.json")],
-    "plan-preset": ["plan", "--mode", "tiny", "--preset", "seed-832x1216-49f"],
+    "plan-workflow": ["plan", "--workflow", str(FIXTURES / "users_variant.json")],  # auto mode: the device probe
+    "plan-preset": ["plan", "--preset", "seed-832x1216-49f"],
+    "plan-preset-json": ["plan", "--preset", "seed-832x1216-49f", "--json"],
+    "plan-workflow-tiny": ["plan", "--mode", "tiny", "--workflow", str(FIXTURES / "users_variant.json")],
     "compare": ["compare", "{storage}/0001_a.json", "{storage}/0002_b.json"],
     "trend": ["trend", "{storage}"],
     "report": ["report", "{storage}", "--out", "{tmp}/report"],

@@ -73,7 +73,12 @@ def test_diff_and_diff_b(tmp_path, model):
     assert torch.equal(w.state_dict["blocks.0.ffn.net.0.proj.weight"], src["blocks.0.ffn.net.0.proj.weight"] + 0.25 * d_w)
     assert torch.equal(w.state_dict["blocks.0.ffn.net.0.proj.bias"], src["blocks.0.ffn.net.0.proj.bias"] + 0.25 * d_b)
     assert torch.equal(w.state_dict["blocks.1.norm2.weight"], src["blocks.1.norm2.weight"] + 0.25 * d_norm)
-    assert torch.equal(w.state_dict["blocks.0.scale_shift_table"], src["blocks.0.scale_shift_table"] + 0.25 * d_mod)
+    # ComfyUI accepts a modulation diff but never applies it (its patcher walks leaf modules only): nor do we,
+    # and the record says so
+    assert torch.equal(w.state_dict["blocks.0.scale_shift_table"], src["blocks.0.scale_shift_table"])
+    assert w.lora.accepted_unapplied == ["diffusion_model.blocks.0.modulation.diff"]
+    assert w.lora.ignored_keys == []
+    assert any("1 LoRA keys accepted and ignored, as ComfyUI does" in n for n in w.notes)
 
 
 def test_lora_on_bf16_rounds_like_comfyui(tmp_path, model):
@@ -82,9 +87,13 @@ def test_lora_on_bf16_rounds_like_comfyui(tmp_path, model):
     up, down = dyadic((32, 4), 1) / 3, dyadic((4, 32), 2)
     save_file({"diffusion_model.blocks.1.self_attn.q.lora_up.weight": up,
                "diffusion_model.blocks.1.self_attn.q.lora_down.weight": down}, str(tmp_path / "l.safetensors"))
+    want = expected["blocks.1.self_attn.q.weight"] + up @ down
+    # ComfyUI stores the weight in its unet dtype (the compute dtype: float32 on a CPU, float16/bf16 on a GPU) and
+    # rounds the float32 sum into it once
     w = load(base, tmp_path / "l.safetensors", 1.0)
-    # float32 sum rounded to the stored bf16, then to the compute dtype
-    assert torch.equal(w.state_dict[TARGET_D], (expected["blocks.1.self_attn.q.weight"] + up @ down).bfloat16().float())
+    assert torch.equal(w.state_dict[TARGET_D], want)
+    w16 = load(base, tmp_path / "l.safetensors", 1.0, compute_dtype=torch.bfloat16)
+    assert torch.equal(w16.state_dict[TARGET_D], want.bfloat16())
 
 
 @pytest.mark.parametrize("fmt", ["fp8_scaled", "fp8_quant_metadata", "fp8_e4m3fn"])
@@ -95,7 +104,7 @@ def test_lora_on_fp8_requantizes(tmp_path, model, fmt):
     delta = 0.5 * (up @ down)
     save_file({"lora_unet_blocks_1_self_attn_q.lora_B.weight": up,
                "lora_unet_blocks_1_self_attn_q.lora_A.weight": down}, str(tmp_path / "l.safetensors"))
-    kept = load(base, tmp_path / "l.safetensors", 0.5, keep_fp8=True)
+    kept = load(base, tmp_path / "l.safetensors", 0.5, keep_fp8=True, lora_rounding="nearest")
     q = kept.state_dict[TARGET_D]
     assert q.dtype == torch.float8_e4m3fn
     scale = kept.fp8_scales[TARGET_D]
@@ -105,8 +114,17 @@ def test_lora_on_fp8_requantizes(tmp_path, model, fmt):
     assert not torch.equal(got, expected["blocks.1.self_attn.q.weight"])
     # round to nearest: no element of the fp8 grid lies closer to the wanted value
     assert torch.equal(q, (want / scale).clamp(-448, 448).to(torch.float8_e4m3fn))
-    dequantized = load(base, tmp_path / "l.safetensors", 0.5, keep_fp8=False)
+    dequantized = load(base, tmp_path / "l.safetensors", 0.5, keep_fp8=False, lora_rounding="nearest")
     assert torch.equal(dequantized.state_dict[TARGET_D], got)
+    # the default: ComfyUI's stochastic rounding seeded by the weight's name: each element one of the two fp8
+    # neighbours of the wanted value, the same on every load, and not simply the nearest one everywhere
+    from wan_pipeline.run.precision import key_seed, stochastic_round_fp8
+
+    sr = load(base, tmp_path / "l.safetensors", 0.5, keep_fp8=True).state_dict[TARGET_D]
+    assert torch.equal(sr, stochastic_round_fp8(want / scale, key_seed("diffusion_model.blocks.1.self_attn.q.weight")))
+    assert torch.equal(sr, load(base, tmp_path / "l.safetensors", 0.5, keep_fp8=True).state_dict[TARGET_D])
+    assert (sr.float() * scale - want).abs().le(2.0 ** -3 * want.abs() + 2.0 ** -8 * scale + 1e-7).all()
+    assert not torch.equal(sr, q)
 
 
 def test_lora_on_diffusers_folder(tmp_path, model):

@@ -10,7 +10,8 @@ from wan_pipeline.plan.config import ModelSetKey
 from wan_pipeline.plan.plan import make_plan
 from wan_pipeline.plan.presets import get_preset
 from wan_pipeline.run import conditioning
-from wan_pipeline.run.models import Residency, load_model_set, resolve_mode
+from wan_pipeline.run.model_files import resolve_mode
+from wan_pipeline.run.models import Residency, load_model_set
 
 GB = 10**9
 
@@ -128,9 +129,17 @@ def test_auto_precision_is_what_comfyui_runs_fp8_scaled_files_with(monkeypatch):
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp8-scaled-mm"  # H100: fp8 matmul
+    # ComfyUI 0.3.64, weight_dtype "default": dequantize and multiply in float16, even where fp8 compute exists
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp8-upcast-fp16"
+    assert resolve_precision("auto", torch.device("cuda", 0), weight_dtype="fp8_e4m3fn_fast") == "fp8-scaled-mm-fp16"
+    # a scaled_fp8 marker of other than two elements turns ComfyUI's fp8 optimizations on
+    assert resolve_precision("auto", torch.device("cuda", 0), fp8_matmul_file=True) == "fp8-scaled-mm-fp16"
+    assert resolve_precision("auto", torch.device("cuda", 0), file_format="bf16") == "fp16"
+    assert resolve_precision("bf16", torch.device("cuda", 0), weight_dtype="fp8_e4m3fn_fast") == "bf16"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp8-upcast"  # A100: fp8 storage, bf16 math
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp8-upcast-fp16"  # A100: fp8 storage, fp16 math
+    # no fp8 compute: fp8_e4m3fn_fast falls back to the upcast, as ComfyUI's fp8_linear does
+    assert resolve_precision("auto", torch.device("cuda", 0), weight_dtype="fp8_e4m3fn_fast") == "fp8-upcast-fp16"
 
 
 @pytest.mark.parametrize("precision, fast_accum", [("fp8-scaled-mm", False), ("fp8-scaled-mm-fast", True)])

@@ -183,3 +183,48 @@ def test_snapshot_follows_cuda_visible_devices():
     assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "3"}) == 3
     assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "2,0"}) == 2
     assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "GPU-8f1c"}) == 0
+
+
+@pytest.mark.parametrize("visible, present, expected", [
+    (None, 2, True), (None, 0, False), ("", 2, False), ("-1", 2, False), ("1", 2, True), ("2", 2, False),
+    ("0,5", 1, True), ("abc,0", 2, False), ("GPU-8a1b2c3d", 1, True),
+])
+def test_cuda_available_without_torch_follows_the_driver_and_cuda_visible_devices(monkeypatch, visible, present,
+                                                                                    expected):
+    fake = make_fake_nvml()
+    fake.nvmlDeviceGetCount = lambda: present
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not imported (and not importable)
+    monkeypatch.setattr(telemetry, "_torch_versions", lambda: {"torch.cuda": "13.0", "torch.cudnn": None})
+    environ = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    assert telemetry.cuda_available(environ) is expected
+    assert fake.calls["init"] == fake.calls["shutdown"] == 1
+
+
+def test_cuda_available_is_false_for_a_cpu_build_of_torch_or_without_a_driver(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "pynvml", make_fake_nvml())
+    monkeypatch.setattr(telemetry, "_torch_versions", lambda: {"torch.cuda": None, "torch.cudnn": None})
+    assert telemetry.cuda_available({}) is False  # GPUs present, but this torch cannot use them
+    monkeypatch.setattr(telemetry, "_torch_versions", lambda: {"torch.cuda": "13.0", "torch.cudnn": None})
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no NVML: no driver
+    assert telemetry.cuda_available({}) is False
+
+
+def test_cuda_available_asks_torch_once_it_is_imported(monkeypatch):
+    for answer in (True, False):
+        fake_torch = types.SimpleNamespace(cuda=types.SimpleNamespace(is_available=lambda answer=answer: answer))
+        monkeypatch.setitem(sys.modules, "torch", fake_torch)
+        assert telemetry.cuda_available({}) is answer
+
+
+def test_cuda_available_agrees_with_torch_on_this_machine():
+    """Without torch, then with it: the same answer (a CPU box says False twice, a GPU box True twice)."""
+    import subprocess
+
+    code = ("import sys; from wan_pipeline.measure import telemetry; before = telemetry.cuda_available(); "
+            "assert 'torch' not in sys.modules; import torch; print(before, torch.cuda.is_available())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    before, after = out.stdout.split()
+    assert before == after, out.stdout

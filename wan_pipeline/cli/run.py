@@ -7,7 +7,8 @@ import json
 import os
 
 from wan_pipeline.errors import WanBenchError
-from wan_pipeline.plan.config import ATTENTION_BACKENDS, MODES, PRECISIONS, RESIDENCIES, RunConfig, compile_values
+from wan_pipeline.plan.config import (ATTENTION_BACKENDS, LORA_ROUNDINGS, MODES, PRECISIONS, RESIDENCIES, RunConfig,
+                                      compile_values)
 from wan_pipeline.plan.plan import Plan, make_plan
 from wan_pipeline.plan.presets import PRESETS, get_preset
 
@@ -21,6 +22,9 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
                    help="ComfyUI models folder or diffusers folder (default: $WAN_MODELS_DIR)")
     p.add_argument("--attention", choices=ATTENTION_BACKENDS, help="attention backend (default: the preset's)")
     p.add_argument("--precision", choices=PRECISIONS, help="compute precision (default: the preset's)")
+    p.add_argument("--lora-rounding", choices=LORA_ROUNDINGS,
+                   help="LoRA merged into fp8 weights: comfyui (default: its stochastic rounding, seeded per weight) "
+                        "or nearest")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="regional torch.compile of the transformer blocks (default: $TORCH_COMPILE)")
     p.add_argument("--seed", type=int, help="noise seed (default: the preset's)")
@@ -44,6 +48,8 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
         overrides["attention"] = args.attention
     if args.precision:
         overrides["precision"] = args.precision
+    if getattr(args, "lora_rounding", None):
+        overrides["lora_rounding"] = args.lora_rounding
     compile_flag = args.compile
     if compile_flag is None and os.environ.get("TORCH_COMPILE") is not None:
         values = compile_values(os.environ["TORCH_COMPILE"])  # a typo is an error here too, never a silent "off"
@@ -93,7 +99,7 @@ def format_plan(plan: Plan) -> str:
 def resolve_mode_for_plan(requested: str, models_dir: str | None) -> str:
     if requested != "auto":
         return requested
-    from wan_pipeline.run.models import resolve_mode
+    from wan_pipeline.run.model_files import resolve_mode  # no torch: planning needs no model
 
     return resolve_mode("auto", models_dir)
 

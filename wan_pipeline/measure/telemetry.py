@@ -234,6 +234,41 @@ def visible_gpu_index(environ=None) -> int:
     return int(first) if first.isdigit() else 0
 
 
+def _visible_count(visible: str, present: int) -> int:
+    """How many of `present` devices CUDA_VISIBLE_DEVICES=`visible` leaves: the CUDA runtime reads the comma list up
+    to its first invalid entry (a negative or out-of-range index, or garbage); GPU-/MIG- UUIDs count as valid."""
+    count = 0
+    for entry in visible.split(","):
+        entry = entry.strip()
+        if entry.isdigit() and int(entry) < present or entry.startswith(("GPU-", "MIG-")):
+            count += 1
+        else:
+            break
+    return count
+
+
+def cuda_available(environ=None) -> bool:
+    """What `torch.cuda.is_available()` answers, without importing torch (planning needs no model): a CUDA build of
+    torch (read from its version file), a driver NVML reaches, and a device that CUDA_VISIBLE_DEVICES leaves visible.
+    Where torch is already imported, torch itself answers."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    if _torch_versions()["torch.cuda"] is None:  # a CPU build, or no torch
+        return False
+    nvml = _nvml()
+    if nvml is None:  # no driver
+        return False
+    try:
+        present = int(nvml.nvmlDeviceGetCount())
+    except Exception:
+        present = 0
+    finally:
+        _nvml_shutdown(nvml)
+    visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    return (present if visible is None else _visible_count(visible, present)) > 0
+
+
 def gpu_snapshot(index: int | None = None) -> dict | None:
     """The state of GPU `index` now (default: the first one this process sees; identity without UUID or serial,
     clocks, memory, heat, power, clock-event reasons), or None when NVML is unavailable. Fields NVML cannot read

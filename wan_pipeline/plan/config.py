@@ -18,10 +18,18 @@ EXPERTS = ("high", "low")
 SAMPLERS = ("euler",)
 SCHEDULERS = ("simple",)
 MODES = ("tiny", "synthetic", "real")
-# fp8-scaled-mm is ComfyUI's fp8 matmul (exact fp32 accumulation); fp8-scaled-mm-fast lets the tensor cores
-# accumulate as torchao's float8 inference does (use_fast_accum), a few percent faster.
-FP8_PRECISIONS = ("fp8-upcast", "fp8-scaled-mm", "fp8-scaled-mm-fast")
+# fp8-upcast(-fp16): fp8 storage, bf16 (float16) math, ComfyUI's "default" weight_dtype for fp8_scaled files;
+# fp8-scaled-mm(-fp16) is fp8 matmul with exact fp32 accumulation and bf16 (float16) output, ComfyUI's
+# fp8_e4m3fn_fast; fp8-scaled-mm-fast lets the tensor cores accumulate as torchao's float8 inference does.
+FP8_MATMUL_PRECISIONS = ("fp8-scaled-mm", "fp8-scaled-mm-fp16", "fp8-scaled-mm-fast")
+FP8_PRECISIONS = ("fp8-upcast", "fp8-upcast-fp16", *FP8_MATMUL_PRECISIONS)
+FP16_PRECISIONS = ("fp16", "fp8-upcast-fp16", "fp8-scaled-mm-fp16")  # compute in float16 on a GPU
 PRECISIONS = ("auto", "bf16", "fp16", *FP8_PRECISIONS)
+# UNETLoader's weight_dtype choices (ComfyUI 0.3.64 nodes.py); `auto` precision follows the workflow's.
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2")
+# How a LoRA merged into fp8 weights is requantized: ComfyUI's stochastic rounding seeded per weight name, or
+# round to nearest.
+LORA_ROUNDINGS = ("comfyui", "nearest")
 # The timed stages of one generation, in pipeline order (result records and reports use these names).
 STAGES = ("text_encode", "image_encode", "pass1", "switch", "pass2", "decode")
 
@@ -77,6 +85,7 @@ class PassConfig:
     cfg: float
     sampler: str = "euler"
     scheduler: str = "simple"
+    weight_dtype: str = "default"  # the UNETLoader's weight_dtype
 
     def __post_init__(self):
         # One meaning of "no LoRA" for every consumer (model-set key, file lookup, loader): a LoRA at strength 0
@@ -92,6 +101,8 @@ class PassConfig:
             raise ConfigError(f"{where}: sampler {self.sampler!r} is not supported (supported: {SAMPLERS})")
         if self.scheduler not in SCHEDULERS:
             raise ConfigError(f"{where}: scheduler {self.scheduler!r} is not supported (supported: {SCHEDULERS})")
+        if self.weight_dtype not in WEIGHT_DTYPES:
+            raise ConfigError(f"{where}: UNETLoader weight_dtype {self.weight_dtype!r} is not one of {WEIGHT_DTYPES}")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"{where}: steps must be a positive integer, got {self.steps!r}")
         if self.start_at_step < 0 or self.end_at_step < 0:
@@ -125,6 +136,7 @@ class RunConfig:
     sequence_parallel: int = 1  # Ulysses degree: one generation split over this many GPUs (torchrun ranks)
     residency: str = "auto"  # what stays on the GPU (models.Residency); auto: everything that fits
     vae_bands: int = 1  # VAE in N bands of rows one after another (ComfyUI's tiled VAE nodes); 1: whole frame
+    lora_rounding: str = "comfyui"  # LoRA into fp8 weights: ComfyUI's stochastic rounding, or "nearest"
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -139,6 +151,8 @@ class RunConfig:
             raise ConfigError(f"{self.name}: attention {self.attention!r} is not one of {ATTENTION_BACKENDS}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"{self.name}: precision {self.precision!r} is not one of {PRECISIONS}")
+        if self.lora_rounding not in LORA_ROUNDINGS:
+            raise ConfigError(f"{self.name}: lora_rounding {self.lora_rounding!r} is not one of {LORA_ROUNDINGS}")
         if self.residency not in RESIDENCIES:
             raise ConfigError(f"{self.name}: residency {self.residency!r} is not one of {RESIDENCIES}")
         for field_name in ("width", "height", "length", "fps", "batch_size", "sequence_parallel", "vae_bands"):
@@ -238,6 +252,7 @@ class ModelSetKey:
     attention: str
     compile: bool
     sequence_parallel: int = 1  # experts with context parallelism enabled cannot go back: part of the weights
+    lora_rounding: str = "comfyui"  # how LoRAs were merged into fp8 weights: part of the weights
 
     @classmethod
     def for_run(cls, config: RunConfig, mode: str, models_dir: str | None) -> "ModelSetKey":
@@ -258,6 +273,7 @@ class ModelSetKey:
             attention=config.attention,
             compile=config.compile,
             sequence_parallel=config.sequence_parallel,
+            lora_rounding=config.lora_rounding,
         )
 
     def weights(self) -> "ModelSetKey":

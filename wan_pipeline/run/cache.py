@@ -30,7 +30,7 @@ class ModelCache:
 
     def prepare(self, config: RunConfig, mode: str) -> tuple[Plan, Prepared]:
         """The plan and a configured model set for `config`, loading only when the weights differ."""
-        plan = make_plan(resolve_run_precision(config, mode), mode)
+        plan = make_plan(resolve_run_precision(config, mode, self.models_dir), mode)
         key = ModelSetKey.for_run(plan.config, mode, self.models_dir)
         if self.current is None or self.current.key.weights() != key.weights():
             self.evict()

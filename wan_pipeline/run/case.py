@@ -159,6 +159,7 @@ class CaseRun:
             "attention_kernel": prepared.kernel.kernel,
             "attention": prepared.kernel.to_json(),
             "precision": plan.config.precision,
+            "lora_rounding": plan.config.lora_rounding,
             "compile": {
                 "enabled": prepared.compile_enabled,
                 "warmup_seconds": warm,

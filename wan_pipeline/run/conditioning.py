@@ -88,6 +88,12 @@ def image_conditioning(models, image01: torch.Tensor, plan: Plan, vae_bands=None
 
 
 @torch.no_grad()
+def to_uint8_frames(pixels01: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats -> uint8 as ComfyUI's SaveVideo / SaveImage write them: ``x * 255`` clamped, then truncated
+    toward zero by the uint8 cast (not rounded: 0.999 * 255 = 254.7 gives 254)."""
+    return (pixels01 * 255.0).clamp(0, 255).to(torch.uint8)
+
+
 def decode(models, latent: torch.Tensor, vae_bands=None) -> np.ndarray:
     """VAE latent [B, 16, T, h, w] -> uint8 frames [T', H, W, 3] of the first batch item (with `vae_bands`, in
     bands of rows)."""
@@ -96,5 +102,5 @@ def decode(models, latent: torch.Tensor, vae_bands=None) -> np.ndarray:
     run = lambda part: vae.decode(part).sample  # noqa: E731  [1, 3, T', H, W] in [-1, 1]
     pixels = vae_bands.decode(run, z) if vae_bands else run(z)
     pixels = ((pixels.float() + 1.0) / 2.0).clamp(0.0, 1.0)
-    frames = (pixels[0].permute(1, 2, 3, 0) * 255.0).round().to(torch.uint8)
+    frames = to_uint8_frames(pixels[0].permute(1, 2, 3, 0))
     return frames.cpu().numpy()

@@ -1,10 +1,11 @@
 """Loading the user's real weight files: ComfyUI ``models/`` folders, diffusers folders, fp8 formats and LoRAs.
 
 Transformer files in the original Wan key layout are read, their fp8 scales split off, the LoRA merged (in the stored
-precision, see :mod:`wan_pipeline.lora`), the key names converted with diffusers'
+precision, see :mod:`wan_pipeline.run.lora`), the key names converted with diffusers'
 ``convert_wan_transformer_to_diffusers`` and the result loaded into a ``WanTransformer3DModel`` built from a config
 inferred from the tensor shapes (never ``from_single_file``: it drops ``scale_weight`` and mistakes Wan 2.2 for 2.1).
-The VAE goes through diffusers' ``convert_wan_vae_to_diffusers``. Only safetensors are read; pickle files are refused.
+The VAE goes through diffusers' ``convert_wan_vae_to_diffusers``. Only safetensors are read; pickle files are refused (finding and checking the files is
+:mod:`wan_pipeline.run.model_files`, which needs no torch).
 
 fp8 formats understood: plain float8_e4m3fn weights (scale 1); ComfyUI's ``scaled_fp8`` marker with
 ``<layer>.scale_weight`` (and ``.scale_input``, recorded in ``input_scales``); ComfyUI's newer form, a
@@ -18,15 +19,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import struct
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from wan_pipeline.errors import WanBenchError
-from wan_pipeline.plan.config import RunConfig
 from wan_pipeline.run.lora import LoraError, LoraReport, apply_lora
+from wan_pipeline.run.model_files import (CheckpointError, LoadingError, MissingModelFiles, ModelFiles,
+                                          PickleCheckpointRefused, _diffusers_weight_files, find_model_files,
+                                          has_model_files, read_safetensors_header)
 
 __all__ = [
     "CheckpointError", "ExpertWeights", "LoadingError", "LoraError", "MissingModelFiles", "ModelFiles",
@@ -34,227 +36,8 @@ __all__ = [
     "has_model_files", "load_expert_weights", "load_text_encoder", "load_transformer", "load_vae", "read_safetensors",
 ]
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 FP8 = torch.float8_e4m3fn
-
-
-class LoadingError(WanBenchError):
-    """A weight file that cannot be used; the message names the file (and the tensor where one is at fault)."""
-
-
-class MissingModelFiles(LoadingError):
-    """Model files not found. ``missing`` lists (expected file name, folders searched)."""
-
-    def __init__(self, missing: list[tuple[str, list[Path]]], root: Path | None = None):
-        self.missing = missing
-        lines = [f"model files not found{f' under {root}' if root else ''}:"]
-        for name, folders in missing:
-            lines.append(f"  {name} (searched: {', '.join(str(f) for f in folders)})")
-        super().__init__("\n".join(lines))
-
-
-class PickleCheckpointRefused(LoadingError):
-    """A .ckpt/.pt/.pth/.bin file: pickle can run code when loaded, so only safetensors are read."""
-
-
-class CheckpointError(LoadingError):
-    """A truncated or corrupt safetensors file, or a tensor of the wrong shape or an unknown quantization."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Finding files
-
-
-@dataclass(frozen=True)
-class ExpertFiles:
-    expert: str
-    model: Path  # a .safetensors file (ComfyUI) or a transformer folder (diffusers)
-    lora: Path | None
-    lora_strength: float
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    layout: str  # "comfyui" or "diffusers"
-    root: Path  # the ComfyUI models/ folder or the diffusers folder
-    experts: dict[str, ExpertFiles]
-    text_encoder: Path  # a file (ComfyUI) or the text_encoder/ folder (diffusers; tokenizer/ next to it)
-    vae: Path
-
-
-def _comfy_models_dir(path: Path) -> Path | None:
-    for candidate in (path / "models", path):
-        if any((candidate / d).is_dir() for d in ("diffusion_models", "unet", "loras", "text_encoders", "clip", "vae")):
-            return candidate
-    return None
-
-
-def _experts(config: RunConfig) -> dict[str, tuple[str, str | None, float]]:
-    out: dict[str, tuple[str, str | None, float]] = {}
-    for p in config.passes:
-        item = (p.model_file, p.lora_file, float(p.lora_strength))
-        if p.expert in out and out[p.expert] != item:
-            raise LoadingError(f"{config.name}: expert {p.expert!r} is bound to two different model/LoRA choices: "
-                               f"{out[p.expert]} and {item}")
-        out[p.expert] = item
-    return out
-
-
-def _find(name: str, folders: list[Path], missing: list) -> Path | None:
-    for folder in folders:
-        candidate = folder / name
-        if candidate.is_file():
-            if candidate.suffix.lower() in PICKLE_SUFFIXES:
-                refuse_pickle(candidate)
-            return candidate
-    hint = ""
-    for folder in folders:
-        for suffix in PICKLE_SUFFIXES:
-            alt = folder / (Path(name).stem + suffix)
-            if alt.is_file():
-                hint = f" [found {alt.name}: pickle checkpoints are refused, use a .safetensors file]"
-    missing.append((name + hint, folders))
-    return None
-
-
-def find_model_files(models_dir, config: RunConfig) -> ModelFiles:
-    """Resolve every file a run needs in a ComfyUI root, a ComfyUI ``models/`` folder or a diffusers folder.
-
-    Diffusers layout: ``transformer/`` is the high-noise expert and ``transformer_2/`` the low-noise one (the
-    configured model file names are not used); LoRAs are looked up in ``loras/`` inside the folder, next to it, and in
-    ``models/loras`` next to it. Raises :class:`MissingModelFiles` listing every missing name and the folders searched.
-    """
-    root = Path(models_dir).expanduser()
-    experts = _experts(config)
-    missing: list[tuple[str, list[Path]]] = []
-    if (root / "model_index.json").is_file():
-        lora_dirs = list(dict.fromkeys([root / "loras", root.parent / "loras", root.parent / "models" / "loras"]))
-        found = {}
-        for expert, (model_file, lora_file, strength) in experts.items():
-            sub = root / ("transformer" if expert == "high" else "transformer_2")
-            _diffusers_weight_files(sub, missing)
-            lora = _find(lora_file, lora_dirs, missing) if lora_file else None
-            found[expert] = ExpertFiles(expert, sub, lora, strength)
-        for sub in ("vae", "text_encoder"):
-            _diffusers_weight_files(root / sub, missing)
-        tok = root / "tokenizer"
-        if not ((tok / "spiece.model").is_file() or (tok / "tokenizer.json").is_file()):
-            missing.append(("spiece.model or tokenizer.json", [tok]))
-        if missing:
-            raise MissingModelFiles(missing, root)
-        return ModelFiles("diffusers", root, found, root / "text_encoder", root / "vae")
-
-    models = _comfy_models_dir(root)
-    if models is None:
-        raise MissingModelFiles(
-            [("model_index.json (diffusers) or a models/ folder with diffusion_models/, loras/, text_encoders/, vae/",
-              [root, root / "models"])], root)
-    found = {}
-    for expert, (model_file, lora_file, strength) in experts.items():
-        model = _find(model_file, [models / "diffusion_models", models / "unet"], missing)
-        lora = _find(lora_file, [models / "loras"], missing) if lora_file else None
-        found[expert] = ExpertFiles(expert, model, lora, strength)
-    te = _find(config.text_encoder_file, [models / "text_encoders", models / "clip"], missing)
-    vae = _find(config.vae_file, [models / "vae"], missing)
-    if missing:
-        raise MissingModelFiles(missing, models)
-    return ModelFiles("comfyui", models, found, te, vae)
-
-
-def has_model_files(models_dir, config: RunConfig) -> bool:
-    """True when :func:`find_model_files` would succeed (for choosing the real mode automatically)."""
-    if models_dir is None:
-        return False
-    try:
-        find_model_files(models_dir, config)
-    except LoadingError:
-        return False
-    return True
-
-
-def _diffusers_weight_files(folder: Path, missing: list | None = None) -> list[Path]:
-    """The safetensors shards of a diffusers/transformers component folder (index json honoured)."""
-    if not (folder / "config.json").is_file():
-        if missing is None:
-            raise MissingModelFiles([("config.json", [folder])])
-        missing.append(("config.json", [folder]))
-        return []
-    indexes = sorted(folder.glob("*.safetensors.index.json"))
-    if indexes:
-        try:
-            weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{indexes[0]}: not a safetensors index ({exc})") from None
-        files = [folder / f for f in dict.fromkeys(weight_map.values())]
-    else:
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            pickles = [f for f in folder.iterdir() if f.suffix.lower() in PICKLE_SUFFIXES]
-            if pickles:
-                refuse_pickle(pickles[0])
-            files = [folder / "*.safetensors"]
-    absent = [f for f in files if not f.is_file()]
-    if absent:
-        if missing is None:
-            raise MissingModelFiles([(f.name, [folder]) for f in absent])
-        missing.extend((f.name, [folder]) for f in absent)
-        return []
-    return files
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Reading safetensors safely
-
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I64": 8,
-                "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1}
-
-
-def refuse_pickle(path: Path) -> None:
-    raise PickleCheckpointRefused(
-        f"{path}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) are refused because loading them can run "
-        f"arbitrary code; convert it to .safetensors"
-    )
-
-
-def read_safetensors_header(path) -> tuple[dict, dict]:
-    """(tensor entries, ``__metadata__``) of a safetensors file, checked against the file size."""
-    path = Path(path)
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        refuse_pickle(path)
-    if not path.is_file():
-        raise MissingModelFiles([(path.name, [path.parent])])
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: {size} bytes, too short to be a safetensors file (truncated?)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CheckpointError(f"{path}: header of {n} bytes does not fit in the file of {size} bytes: "
-                                  "truncated or not a safetensors file")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, UnicodeDecodeError):
-            raise CheckpointError(f"{path}: unreadable safetensors header (corrupt, or not a safetensors file)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: unreadable safetensors header")
-    metadata = header.pop("__metadata__", None) or {}
-    data_bytes = size - 8 - n
-    for name, info in header.items():
-        try:
-            begin, end = info["data_offsets"]
-            need = math.prod(info["shape"]) * _DTYPE_BYTES[info["dtype"]]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name}: malformed header entry {info!r}") from None
-        if end - begin != need:
-            raise CheckpointError(f"{path}: tensor {name}: header says shape {info['shape']} {info['dtype']} "
-                                  f"({need} bytes) but stores {end - begin} bytes")
-        if end > data_bytes:
-            raise CheckpointError(f"{path}: tensor {name} ends at byte {end} of the data but the file holds only "
-                                  f"{data_bytes} bytes of data: the file is truncated")
-    return header, metadata
-
 
 def read_safetensors(path) -> tuple[dict[str, torch.Tensor], dict]:
     """All tensors (on the CPU) and the header metadata of a checked safetensors file."""
@@ -289,6 +72,7 @@ class _Split:
     scales: dict  # weight name -> float32 scalar, for every float8_e4m3fn weight
     input_scales: dict
     source_format: str
+    marker_elements: int | None = None  # elements of the scaled_fp8 marker tensor; None: no marker
 
 
 def _split_fp8(sd: dict, metadata: dict, path: Path) -> _Split:
@@ -307,7 +91,8 @@ def _split_fp8(sd: dict, metadata: dict, path: Path) -> _Split:
         except ValueError:
             raise CheckpointError(f"{path}: tensor {k} is not a JSON quantization marker") from None
     layers = {next((n[len(p):] for p in PREFIXES if n.startswith(p)), n): v for n, v in layers.items()}
-    scaled = sd.pop("scaled_fp8", None) is not None
+    marker = sd.pop("scaled_fp8", None)
+    scaled = marker is not None
     scales, input_scales = {}, {}
     for layer, conf in layers.items():
         fmt = conf.get("format") if isinstance(conf, dict) else conf
@@ -340,7 +125,62 @@ def _split_fp8(sd: dict, metadata: dict, path: Path) -> _Split:
         dtypes = [t.dtype for k, t in sd.items() if t.is_floating_point() and k.endswith(".weight")]
         common = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
         fmt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}.get(common, str(common))
-    return _Split(sd, scales, input_scales, fmt)
+    return _Split(sd, scales, input_scales, fmt, None if marker is None else marker.numel())
+
+
+# The Linear layers of ComfyUI's WanModel (comfy/ldm/wan/model.py), by original tensor name.
+_WAN_LINEAR = re.compile(r"(text_embedding\.[02]|time_embedding\.[02]|time_projection\.1|head\.head|img_emb\.proj\.[13]"
+                         r"|blocks\.\d+\.(self_attn|cross_attn)\.(q|k|v|o|k_img|v_img)|blocks\.\d+\.ffn\.[02])"
+                         r"\.(weight|bias)")
+
+
+def comfy_scaled_fp8_storage(sd: dict, scales: dict, original_names: dict[str, str]) -> tuple[int, int]:
+    """Store every Linear of an fp8_scaled (``scaled_fp8`` marker) transformer as ComfyUI 0.3.64 does: its
+    scaled-fp8 Linear is created in float8_e4m3fn (comfy/ops.py ``scaled_fp8_ops`` passes the marker's dtype to
+    ``torch.nn.Linear``), so the file's biases are copied into fp8 unscaled, and a weight the file holds in another
+    dtype is cast to fp8 with the default scale 1. ``original_names``: original Wan name -> key in ``sd``.
+    Returns (weights cast to fp8, biases cast to fp8)."""
+    weights = biases = 0
+    for orig, key in original_names.items():
+        t = sd.get(key)
+        if t is None or t.dtype == FP8 or not t.is_floating_point() or not _WAN_LINEAR.fullmatch(orig):
+            continue
+        sd[key] = t.to(FP8)  # round to nearest, saturating (what copying into an fp8 parameter does)
+        if orig.endswith(".bias"):
+            biases += 1
+        else:
+            scales[key] = torch.tensor(1.0)
+            weights += 1
+    return weights, biases
+
+
+def scaled_fp8_marker_elements(path) -> int | None:
+    """The element count of a transformer file's ``scaled_fp8`` marker (header only); None without one or for a
+    folder. ComfyUI turns its fp8 optimizations on for a marker of any size but two."""
+    path = Path(path)
+    if path.is_dir():
+        return None
+    header, _ = read_safetensors_header(path)
+    for prefix in ("",) + PREFIXES:
+        info = header.get(prefix + "scaled_fp8")
+        if info is not None:
+            return math.prod(info["shape"])
+    return None
+
+
+def file_format(path) -> str:
+    """fp8_scaled / fp8_e4m3fn / bf16 / fp16 / fp32 of a transformer file, from its header alone."""
+    path = Path(path)
+    if path.is_dir():
+        return "fp8_scaled" if any("scale" in k for f in _diffusers_weight_files(path)
+                                   for k in read_safetensors_header(f)[0]) else "bf16"
+    header, metadata = read_safetensors_header(path)
+    if metadata.get("_quantization_metadata") or any(k.endswith(("scaled_fp8", ".scale_weight", ".weight_scale",
+                                                                  ".comfy_quant")) for k in header):
+        return "fp8_scaled"
+    dtypes = [v["dtype"] for k, v in header.items() if k.endswith(".weight")]
+    common = max(set(dtypes), key=dtypes.count) if dtypes else "F32"
+    return {"F8_E4M3": "fp8_e4m3fn", "BF16": "bf16", "F16": "fp16"}.get(common, "fp32")
 
 
 def _finalize(sd: dict, scales: dict, *, compute_dtype, keep_fp8: bool, fp32_modules=()) -> dict:
@@ -381,6 +221,8 @@ class ExpertWeights:
     input_scales: dict[str, torch.Tensor] = field(default_factory=dict)
     lora: LoraReport | None = None
     original_names: dict[str, str] = field(default_factory=dict)  # diffusers name -> name in the file
+    notes: list[str] = field(default_factory=list)  # for the run record: where loading followed a ComfyUI quirk
+    marker_elements: int | None = None  # the scaled_fp8 marker's size (two: the file asks for full-precision mm)
 
 
 def _transformer_fp32_modules() -> tuple[str, ...]:
@@ -461,11 +303,16 @@ def load_expert_weights(
     compute_dtype: torch.dtype = torch.bfloat16,
     keep_fp8: bool = False,
     num_attention_heads: int | None = None,
+    lora_rounding: str = "comfyui",
+    merge_device=None,
 ) -> ExpertWeights:
     """Read one expert (a single-file checkpoint or a diffusers ``transformer/`` folder), merge its LoRA, convert.
 
-    The LoRA is merged before dequantization, into the weights as stored (fp8 weights: dequantize, add, requantize
-    with the same scale), so that ``keep_fp8=False`` gives what ComfyUI's fp8 model computes, dequantized.
+    The LoRA is merged before dequantization, into the weights as ComfyUI stores them (an fp8_scaled file's
+    Linear layers all in fp8, see :func:`comfy_scaled_fp8_storage`; the rest in the compute dtype; fp8 tensors:
+    dequantize, add, requantize with the same scale, by ``lora_rounding``), so that ``keep_fp8=False`` gives what
+    ComfyUI's fp8 model computes, dequantized. ``merge_device``: where fp8 requantization runs (the run's device:
+    ComfyUI patches on its GPU and stochastic rounding's draws depend on the device type).
     """
     path = Path(path)
     if path.is_dir():
@@ -485,18 +332,35 @@ def load_expert_weights(
         sd = {names[k]: v for k, v in split.tensors.items()}
     scales = {names.get(k, k): v for k, v in split.scales.items()}
     input_scales = {names.get(k, k): v for k, v in split.input_scales.items()}
-    source_format = split.source_format
+    source_format, marker = split.source_format, split.marker_elements
     del stored, split
     config = infer_transformer_config(sd, path, num_attention_heads)
+    notes = []
+    if marker is not None:  # ComfyUI 0.3.64's scaled-fp8 Linear; _quantization_metadata files are not read by it
+        weights, biases = comfy_scaled_fp8_storage(sd, scales, names)
+        if weights:
+            notes.append(f"{path.name}: {weights} Linear weights stored in another dtype than fp8 in this fp8_scaled "
+                         f"file were rounded to fp8 with scale 1, as ComfyUI 0.3.64 loads them (a quirk of its "
+                         f"scaled-fp8 Linear, matched on purpose)")
+        if biases:
+            notes.append(f"{path.name}: {biases} Linear biases rounded to fp8 (unscaled), as ComfyUI's scaled-fp8 "
+                         f"Linear stores them")
+    # Non-fp8 tensors take their run dtype before the merge (ComfyUI's: its unet dtype, the compute dtype; the
+    # modules diffusers keeps in float32 go to float32), so that a LoRA delta is rounded once, into that dtype.
+    fp32_modules = _transformer_fp32_modules()
+    for k, t in sd.items():
+        if t.is_floating_point() and t.dtype != FP8:
+            sd[k] = t.to(torch.float32 if any(m in k.split(".") for m in fp32_modules) else compute_dtype)
     report = None
     if lora_path is not None and lora_strength != 0:
         lora_sd, _ = read_safetensors(lora_path)
         report = apply_lora(sd, scales, lora_sd, original_names=names, strength=lora_strength,
-                            lora_name=str(lora_path))
+                            lora_name=str(lora_path), rounding=lora_rounding, device=merge_device)
+        notes += report.notes(Path(lora_path).name)
     kept = _finalize(sd, scales, compute_dtype=compute_dtype, keep_fp8=keep_fp8,
                      fp32_modules=_transformer_fp32_modules())
     return ExpertWeights(sd, kept, config, source_format, path, input_scales, report,
-                         {d: o for o, d in names.items()})
+                         {d: o for o, d in names.items()}, notes, marker)
 
 
 @contextlib.contextmanager

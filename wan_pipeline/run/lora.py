@@ -11,10 +11,16 @@ followed by one of
 - ``.diff_b``: a delta of the module's bias (``strength * diff_b``).
 
 Deltas are computed in float32 and added to ``weight.float()``; the sum is rounded back to the stored dtype, as
-ComfyUI does when it patches a weight. A float8_e4m3fn weight with a per-tensor scale is dequantized
-(``weight.float() * scale``), patched and requantized with the same scale (clamped to +-448). We round to nearest;
-ComfyUI uses stochastic rounding seeded per key (``comfy.float.stochastic_rounding`` with ``string_to_seed(key)``),
-so a merged fp8 weight here can differ from ComfyUI's by one fp8 step in some elements.
+ComfyUI does when it patches a weight. A float8_e4m3fn tensor with a per-tensor scale is dequantized
+(``weight.float() * scale``), patched and requantized with the same scale. ``rounding="comfyui"`` (the default)
+requantizes as ComfyUI's patcher does: stochastic rounding after a float16 cast, seeded with the CRC-32 of the
+weight's name in ComfyUI's model (:func:`wan_pipeline.run.precision.stochastic_round_fp8`), so that the merged weights
+are ComfyUI's bit for bit when the merge runs on the same kind of device; ``rounding="nearest"`` rounds to nearest
+(clamped to +-448). An fp8 bias (fp8_scaled files store them, scale 1) patched by ``diff_b`` is rounded the same way.
+
+Keys on ``modulation`` (``blocks.N.modulation.diff``, ``head.modulation.diff``, and their ``diff_b``) are accepted
+and not applied: ComfyUI's patcher only patches parameters of leaf modules, and these parameters sit on modules
+with children, so ComfyUI never merges them (:attr:`LoraReport.accepted_unapplied`).
 
 Unknown keys: ComfyUI logs ``lora key not loaded: <key>`` for every LoRA key that matches no model weight and goes on,
 so :func:`apply_lora` does the same with one ``warnings.warn`` listing them; a LoRA of which *no* key matches the
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wan_pipeline.errors import WanBenchError
-from wan_pipeline.run.precision import quantize_fp8
+from wan_pipeline.run.precision import key_seed, quantize_fp8, stochastic_round_fp8
 
 # suffix -> role; longest suffixes first so ".lora_up.weight" wins over ".weight"-less forms.
 _SUFFIXES = (
@@ -58,6 +64,16 @@ class LoraReport:
 
     patched: list[str] = field(default_factory=list)
     ignored_keys: list[str] = field(default_factory=list)
+    # keys ComfyUI accepts and never applies (parameters of non-leaf modules: blocks.N.modulation, head.modulation)
+    accepted_unapplied: list[str] = field(default_factory=list)
+    rounding: str = "comfyui"
+
+    def notes(self, lora_name: str) -> list[str]:
+        if not self.accepted_unapplied:
+            return []
+        return [f"{lora_name}: {len(self.accepted_unapplied)} LoRA keys accepted and ignored, as ComfyUI does "
+                f"(it patches only leaf modules' parameters): {', '.join(self.accepted_unapplied[:4])}"
+                f"{' ...' if len(self.accepted_unapplied) > 4 else ''}"]
 
 
 def lora_key_map(model_keys) -> dict[str, str]:
@@ -75,6 +91,12 @@ def lora_key_map(model_keys) -> dict[str, str]:
         else:
             out["diffusion_model." + k] = k
     return out
+
+
+def _on_non_leaf_module(target: str) -> bool:
+    """A parameter ComfyUI's patcher never reaches: ``modulation`` of a block or of the head (modules with
+    children)."""
+    return target.split(".")[-1] == "modulation"
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -159,16 +181,33 @@ def apply_lora(
     original_names: dict[str, str],
     strength: float,
     lora_name: str,
+    rounding: str = "comfyui",
+    device: torch.device | str | None = None,
 ) -> LoraReport:
     """Merge a LoRA into ``state_dict`` in place.
 
     ``original_names`` maps each original Wan tensor name to its key in ``state_dict`` (which may use diffusers
     names); ``fp8_scales`` holds the per-tensor scale of every float8_e4m3fn tensor (keyed like ``state_dict``).
+    ``device``: where fp8 requantization runs with ``rounding="comfyui"`` (ComfyUI patches on the GPU it runs on;
+    the random draws depend on the device type); None: where the tensor is.
     """
+    if rounding not in ("comfyui", "nearest"):
+        raise LoraError(f"{lora_name}: LoRA rounding {rounding!r} is not one of comfyui, nearest")
     key_map = lora_key_map(original_names)
     shapes = {orig: state_dict[key].shape for orig, key in original_names.items()}
     deltas, ignored = lora_deltas(lora_sd, key_map, shapes, strength, lora_name)
-    if not deltas:
+    # ComfyUI maps a diff_b on X.modulation to the bias of "X.modul" (the name minus 7 characters): no such tensor
+    accepted = []
+    for key in list(ignored):
+        split = _split_key(key)
+        if split and split[0] in key_map and key_map[split[0]].split(".")[-1] == "modulation":
+            ignored.remove(key)
+            accepted.append(key)
+    for target in [t for t in deltas if _on_non_leaf_module(t)]:
+        del deltas[target]
+        accepted += [k for k in lora_sd if (_split_key(k) or ("",))[0] in key_map
+                     and key_map[_split_key(k)[0]] == target]
+    if not deltas and not accepted:
         sample = ", ".join(sorted(lora_sd)[:5])
         raise LoraError(
             f"{lora_name}: none of its {len(lora_sd)} keys matches a weight of the model (first keys: {sample}); "
@@ -183,14 +222,19 @@ def apply_lora(
             f"ignores them: {shown}{more}",
             stacklevel=3,
         )
-    report = LoraReport(ignored_keys=sorted(ignored))
+    report = LoraReport(ignored_keys=sorted(ignored), accepted_unapplied=sorted(set(accepted)), rounding=rounding)
     for orig, delta in deltas.items():
         key = original_names[orig]
         stored = state_dict[key]
-        if key in fp8_scales:
-            scale = fp8_scales[key]
-            merged = stored.float() * scale.float() + delta
-            state_dict[key] = quantize_fp8(merged, scale)
+        if stored.dtype == torch.float8_e4m3fn:
+            scale = fp8_scales.get(key, torch.tensor(1.0))
+            where = torch.device(device) if device is not None else stored.device
+            merged = stored.to(where).float() * scale.to(where).float() + delta.to(where)
+            if rounding == "comfyui":
+                out = stochastic_round_fp8(merged / scale.to(where).float(), key_seed("diffusion_model." + orig))
+            else:
+                out = quantize_fp8(merged, scale.to(where))
+            state_dict[key] = out.to(stored.device)
         else:
             state_dict[key] = (stored.float() + delta).to(stored.dtype)
         report.patched.append(key)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from wan_pipeline.errors import WanBenchError
-from wan_pipeline.plan.config import FP8_PRECISIONS, ModelSetKey, RunConfig
+from wan_pipeline.plan.config import FP8_PRECISIONS, FP16_PRECISIONS, ModelSetKey, RunConfig
 
 # WanTransformer3DModel configuration of the A14B i2v experts (the Wan 2.2 I2V-A14B config).
 A14B_TRANSFORMER = dict(
@@ -51,36 +51,43 @@ TINY_VAE = dict(base_dim=8, num_res_blocks=1)
 TEXT_CONTEXT = 512  # UMT5 tokens the experts attend to (ComfyUI pads to at least 512)
 
 
-def resolve_mode(requested: str, models_dir: str | None, config: RunConfig | None = None) -> str:
-    """auto: real when the model files are found, else synthetic on a GPU, else tiny."""
-    if requested != "auto":
-        return requested
-    if models_dir:
-        from wan_pipeline.plan.presets import get_preset
-        from wan_pipeline.run.loading import has_model_files
-
-        if has_model_files(models_dir, config or get_preset("seed-832x1216-49f")):
-            return "real"
-    return "synthetic" if torch.cuda.is_available() else "tiny"
-
-
 def run_device(mode: str) -> torch.device:
     """Where a mode runs: tiny on the CPU, the others on the GPU when there is one."""
     return torch.device("cuda" if torch.cuda.is_available() and mode != "tiny" else "cpu")
 
 
-def resolve_run_precision(config: RunConfig, mode: str) -> RunConfig:
-    """The configuration with `precision="auto"` replaced by what runs on this machine."""
+def resolve_run_precision(config: RunConfig, mode: str, models_dir: str | None = None) -> RunConfig:
+    """The configuration with `precision="auto"` replaced by what ComfyUI runs on this machine: it follows the
+    first pass's UNETLoader weight_dtype and, in real mode, the high-noise file's format and scaled_fp8 marker
+    (read from its header); synthetic and tiny runs stand for the template's fp8_scaled files."""
     from wan_pipeline.run.precision import resolve_precision
 
-    return config.replace(precision=resolve_precision(config.precision, run_device(mode)))
+    if config.precision != "auto":
+        return config
+    device = run_device(mode)
+    weight_dtype = config.passes[0].weight_dtype if config.passes else "default"
+    file_format, fp8_matmul_file = "fp8_scaled", False
+    if mode == "real" and models_dir and device.type == "cuda":
+        from wan_pipeline.run import loading
+
+        try:
+            files = loading.find_model_files(models_dir, config)
+        except loading.LoadingError:
+            files = None  # loading reports the missing files later, with every folder searched
+        if files is not None:
+            first = files.experts[config.passes[0].expert].model
+            file_format = loading.file_format(first)
+            marker = loading.scaled_fp8_marker_elements(first)
+            fp8_matmul_file = marker is not None and marker != 2
+    return config.replace(precision=resolve_precision("auto", device, weight_dtype=weight_dtype,
+                                                      file_format=file_format, fp8_matmul_file=fp8_matmul_file))
 
 
 def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     """The dtype activations run in: float32 on a CPU (tiny mode), else bf16 or fp16."""
     if device.type == "cpu":
         return torch.float32
-    return torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.float16 if precision in FP16_PRECISIONS else torch.bfloat16
 
 
 @contextlib.contextmanager
@@ -369,14 +376,17 @@ def _load_real(key: ModelSetKey, device: torch.device, dtype: torch.dtype, model
     park = expert_load_device(device, total, [files.experts[e[0]].model.stat().st_size for e in key.experts],
                               keep_fp8)
     experts = {}
+    expert_notes: list[str] = []
     for expert, _model_file, _lora, _strength in key.experts:
         found = files.experts[expert]
         weights = loading.load_expert_weights(found.model, lora_path=found.lora, lora_strength=found.lora_strength,
-                                              compute_dtype=dtype, keep_fp8=keep_fp8)
+                                              compute_dtype=dtype, keep_fp8=keep_fp8,
+                                              lora_rounding=key.lora_rounding, merge_device=device)
+        expert_notes += [f"expert {expert}: {n}" for n in weights.notes]
         model = loading.load_transformer(weights, device=park, dtype=dtype)
         experts[expert] = attach_fp8_scales(model, weights.fp8_scales, weights.input_scales, dtype)
     text_encoder, tokenizer = loading.load_text_encoder(files.text_encoder, device=device, dtype=dtype)
-    notes = [f"real: weights from {files.root} ({files.layout} layout)"]
+    notes = [f"real: weights from {files.root} ({files.layout} layout)", *expert_notes]
     if text_encoder.fp8_file_scales:  # an fp8 file stays in fp8, as ComfyUI keeps it
         from wan_pipeline.run.precision import store_text_encoder_fp8
 

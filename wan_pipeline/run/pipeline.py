@@ -124,7 +124,7 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
 
 
 def prepare(config: RunConfig, mode: str, models_dir: str | None = None, seed: int = 0) -> tuple[Plan, Prepared]:
-    plan = make_plan(resolve_run_precision(config, mode), mode)
+    plan = make_plan(resolve_run_precision(config, mode, models_dir), mode)
     key = ModelSetKey.for_run(plan.config, mode, models_dir)
     models = load_model_set(key, seed=seed, models_dir=models_dir, config=plan.config)
     return plan, configure(models, plan)

@@ -1,20 +1,27 @@
 """Precision modes of the experts' linear layers: bf16/fp16, fp8 storage upcast per layer, fp8 matmul.
 
-`fp8-scaled-mm` runs the transformer blocks' Linear layers the way ComfyUI runs fp8_scaled files on sm >= 8.9
-(docs/comfyui.md, section 10): weight float8_e4m3fn with a per-tensor scale, input clamped to +-448 and cast to fp8 (or divided
-by the file's `scale_input` when it has one), then `torch._scaled_mm` with float output in the compute dtype.
-`fp8-scaled-mm-fast` is the same with `use_fast_accum=True`, the accumulation torchao's float8 inference uses:
-Hopper's fp8 tensor cores accumulate in reduced precision between the periodic fp32 promotions.
+`fp8-upcast` / `fp8-upcast-fp16` keep the weights in float8_e4m3fn and multiply in bf16 / float16, the weight cast
+to the compute dtype and scaled per call: what ComfyUI does with fp8_scaled files under UNETLoader's weight_dtype
+"default" (float16 is its compute dtype for Wan on NVIDIA GPUs). `fp8-scaled-mm` / `fp8-scaled-mm-fp16` multiply
+in fp8: input clamped to +-448 and cast to fp8 (or divided by the file's `scale_input`), then `torch._scaled_mm`
+with output in the compute dtype, what ComfyUI does with weight_dtype `fp8_e4m3fn_fast` on sm >= 8.9.
+`fp8-scaled-mm-fast` adds `use_fast_accum=True`, the accumulation torchao's float8 inference uses.
+
+`stochastic_round_fp8` is ComfyUI's requantization of a LoRA-patched fp8 weight, rewritten from its behaviour:
+float16 first, then each magnitude's fp8 mantissa rounded down or up with probability given by the remainder,
+the random draws from a generator seeded per tensor name (`key_seed`), on the device the merge runs on.
 """
 
 from __future__ import annotations
+
+import zlib
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wan_pipeline.errors import WanBenchError
-from wan_pipeline.plan.config import FP8_PRECISIONS
+from wan_pipeline.plan.config import FP8_MATMUL_PRECISIONS, FP8_PRECISIONS
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
@@ -32,10 +39,56 @@ def quantize_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return quantize_fp8(weight, scale), scale
 
 
+def key_seed(key: str) -> int:
+    """The seed ComfyUI's patcher gives a weight's rounding: the CRC-32 of its name (``diffusion_model.`` + the
+    original Wan name, e.g. ``diffusion_model.blocks.0.self_attn.q.weight``)."""
+    return zlib.crc32(key.encode("latin-1"))
+
+
+_E4M3_BIAS, _E4M3_MANTISSA, _E4M3_TOP = 7, 3, 15
+_SR_SLICE_ELEMENTS = 4096 * 4096  # rows are rounded in slices of about this many elements, one draw per slice
+
+
+def _stochastic_fp8_part(value: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One slice: float16 arithmetic throughout, as the reference does (the sums and the draws are float16)."""
+    x = value.to(torch.float16)
+    mag = x.abs()
+    sign = torch.where(mag == 0, 0, torch.sign(x))
+    biased = torch.clamp(torch.floor(torch.log2(mag)) + _E4M3_BIAS, 0, _E4M3_TOP)  # 0: subnormal range
+    normal = biased != 0
+    steps = 2**_E4M3_MANTISSA
+    # position inside the binade in units of one fp8 mantissa step, plus U[0, 1), floored: round up with
+    # probability equal to the remainder
+    frac = torch.where(normal, (mag / (2.0 ** (biased - _E4M3_BIAS)) - 1.0) * steps,
+                       mag / (2.0 ** (-_E4M3_BIAS + 1 - _E4M3_MANTISSA)))
+    frac = frac + torch.rand(frac.size(), dtype=frac.dtype, layout=frac.layout, device=frac.device,
+                             generator=generator)
+    mant = frac.floor() / steps
+    out = sign * torch.where(normal, (2.0 ** (biased - _E4M3_BIAS)) * (1.0 + mant), (2.0 ** (-_E4M3_BIAS + 1)) * mant)
+    return out.clamp(-FP8_MAX, FP8_MAX)
+
+
+def stochastic_round_fp8(value: torch.Tensor, seed: int) -> torch.Tensor:
+    """``value`` (float32) to float8_e4m3fn with ComfyUI's stochastic rounding (float16 cast first), on
+    ``value``'s device: CPU and CUDA generators give different draws, so the merge runs where ComfyUI's does."""
+    generator = torch.Generator(device=value.device)
+    generator.manual_seed(seed)
+    out = torch.empty_like(value, dtype=FP8)
+    if value.dim() == 0:
+        return _stochastic_fp8_part(value, generator).to(FP8)
+    parts = max(1, value.numel() / _SR_SLICE_ELEMENTS)
+    rows = max(1, round(value.shape[0] / parts))
+    for i in range(0, value.shape[0], rows):
+        out[i:i + rows].copy_(_stochastic_fp8_part(value[i:i + rows], generator))
+    return out
+
+
 class Fp8Linear(nn.Module):
     """A Linear whose weight is stored in float8_e4m3fn with a per-tensor scale.
 
-    matmul=False upcasts the weight to the compute dtype per call (fp8 storage, bf16 math);
+    matmul=False upcasts the weight to the compute dtype per call (fp8 storage, bf16/fp16 math) and applies the
+    scale where ComfyUI's scaled-fp8 Linear does: on the weight when it has fewer elements than the input, else on
+    the input;
     matmul=True multiplies in fp8 with torch._scaled_mm (Hopper/Ada fp8 tensor cores), fast_accum=True with the
     tensor cores' fast accumulation.
     """
@@ -58,8 +111,12 @@ class Fp8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.matmul:
-            w = self.weight.to(self.compute_dtype) * self.weight_scale.to(self.compute_dtype)
-            return F.linear(x.to(self.compute_dtype), w, self.bias)
+            x = x.to(self.compute_dtype)
+            w = self.weight.to(self.compute_dtype)
+            scale = self.weight_scale.to(self.compute_dtype)
+            if w.numel() < x.numel():
+                return F.linear(x, w * scale, self.bias)
+            return F.linear(x * scale, w, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.input_scale is None:
@@ -77,14 +134,31 @@ class Fp8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, matmul={matmul}"
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """`auto` is what ComfyUI does with the template's fp8_scaled files on this device: fp8 matmul on sm >= 8.9,
-    fp8 storage upcast per layer on older GPUs, and plain float math on a CPU."""
+def resolve_precision(requested: str, device: torch.device, *, weight_dtype: str = "default",
+                      file_format: str = "fp8_scaled", fp8_matmul_file: bool = False) -> str:
+    """`auto` is what ComfyUI 0.3.64 does with these files on this device (nodes.py UNETLoader, comfy/ops.py
+    pick_operations, model_management.unet_dtype / unet_manual_cast):
+
+    - on a CPU, float32 math (reported as `bf16`: tiny and CPU runs compute in float32 whatever the name);
+    - on a GPU, Wan computes in float16 (its supported dtypes list float16 first, and every NVIDIA card it runs on
+      passes should_use_fp16): an fp8 file is dequantized per layer and multiplied in float16 (`fp8-upcast-fp16`);
+    - fp8 matmul (`fp8-scaled-mm-fp16`) only where fp8 compute exists (sm >= 8.9) and fp8 optimizations are on:
+      weight_dtype `fp8_e4m3fn_fast`, or an fp8_scaled file whose `scaled_fp8` marker does not have two elements
+      (`fp8_matmul_file`; the two-element marker is how a file asks for full-precision matmul);
+    - a bf16/fp16/fp32 file with weight_dtype "default" runs in float16 (`fp16`).
+
+    Synthetic and tiny runs stand for the template's fp8_scaled files with weight_dtype "default".
+    """
     if requested != "auto":
         return requested
     if device.type != "cuda":
         return "bf16"
-    return "fp8-scaled-mm" if torch.cuda.get_device_capability(device) >= (8, 9) else "fp8-upcast"
+    fp8_compute = torch.cuda.get_device_capability(device) >= (8, 9)
+    if file_format in ("bf16", "fp16", "fp32") and weight_dtype == "default":
+        return "fp16"
+    if fp8_compute and (weight_dtype == "fp8_e4m3fn_fast" or (fp8_matmul_file and file_format == "fp8_scaled")):
+        return "fp8-scaled-mm-fp16"
+    return "fp8-upcast-fp16"
 
 
 def check_fp8_matmul(device: torch.device, precision: str = "fp8-scaled-mm") -> None:
@@ -130,7 +204,7 @@ def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
     """
     if precision not in FP8_PRECISIONS:
         return []
-    matmul = precision != "fp8-upcast"
+    matmul = precision in FP8_MATMUL_PRECISIONS
     fast_accum = precision == "fp8-scaled-mm-fast"
     device = next(transformer.parameters()).device
     if matmul:

@@ -11,7 +11,7 @@ from wan_pipeline.suite.options import WanOptions
 
 
 def resolved_mode(options: WanOptions) -> str:
-    from wan_pipeline.run.models import resolve_mode
+    from wan_pipeline.run.model_files import resolve_mode
 
     return resolve_mode(options.mode, options.models_dir)
 
@@ -56,8 +56,9 @@ def build_cases(options: WanOptions):
                     for degree in degrees:
                         case_config = config.replace(attention=attention, precision=precision, compile=compile_on,
                                                      sequence_parallel=degree, residency=options.residency,
-                                                     vae_bands=options.vae_bands)
-                        cases.append(WanCase(resolve_run_precision(case_config, mode), mode))
+                                                     vae_bands=options.vae_bands,
+                                                     lora_rounding=options.lora_rounding)
+                        cases.append(WanCase(resolve_run_precision(case_config, mode, options.models_dir), mode))
     return cases
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wan_pipeline.plan.config import ATTENTION_BACKENDS, MODES, PRECISIONS, RESIDENCIES
+from wan_pipeline.plan.config import ATTENTION_BACKENDS, LORA_ROUNDINGS, MODES, PRECISIONS, RESIDENCIES
 
 _OPTIONS = (
     # (option, env var, help)
@@ -21,6 +21,8 @@ _OPTIONS = (
     ("--wan-out", "WAN_OUT", "folder for videos and result records (default: wan-bench-out)"),
     ("--wan-attention", "WAN_ATTENTION", f"comma-separated attention backends ({', '.join(ATTENTION_BACKENDS)})"),
     ("--wan-precision", "WAN_PRECISION", f"comma-separated precisions ({', '.join(PRECISIONS)})"),
+    ("--wan-lora-rounding", "WAN_LORA_ROUNDING", "LoRA merged into fp8 weights: comfyui (default: ComfyUI's "
+                                                 "stochastic rounding, seeded per weight) or nearest"),
     ("--wan-compile", "TORCH_COMPILE", "0, 1 or both (default: $TORCH_COMPILE, else 0)"),
     ("--wan-rounds", "WAN_ROUNDS", "timed rounds per case (default 5: the fewest that compare's rank test can judge)"),
     ("--wan-warmup", "WAN_WARMUP", "untimed warm-up generations per case (default 1)"),
@@ -68,6 +70,7 @@ class WanOptions:
     sequence_parallel: int = 1
     residency: str = "auto"
     vae_bands: int = 1
+    lora_rounding: str = "comfyui"
 
 
 def _compile_values(value: str | None) -> tuple[bool, ...]:
@@ -114,6 +117,8 @@ def read_options(config) -> WanOptions:
         video=_choice((_option(config, "--wan-video") or "auto").lower(), "--wan-video", VIDEO_CHOICES),
         sequence_parallel=_int_option(config, "--wan-sp", 1, 1),
         residency=_choice(_option(config, "--wan-residency") or "auto", "--wan-residency", RESIDENCIES),
+        lora_rounding=_choice(_option(config, "--wan-lora-rounding") or "comfyui", "--wan-lora-rounding",
+                              LORA_ROUNDINGS),
         vae_bands=_int_option(config, "--wan-vae-bands", 1, 1),
     )
 

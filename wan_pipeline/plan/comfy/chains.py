@@ -34,7 +34,7 @@ from wan_pipeline.errors import WorkflowError
 from wan_pipeline.plan.comfy.expr import _MATH_FUNCTIONS, _ExprError, _safe_eval
 from wan_pipeline.plan.comfy.graph import (_CONTROL_WIDGET, MODE_ACTIVE, MODE_BYPASSED, MODE_MUTED, PRIMITIVE_TYPES,
                                            WIDGET_NAMES, _Const, _Graph, _Link, _Missing, _Node)
-from wan_pipeline.plan.config import SAMPLERS, SCHEDULERS, ConfigError, PassConfig, RunConfig
+from wan_pipeline.plan.config import SAMPLERS, SCHEDULERS, WEIGHT_DTYPES, ConfigError, PassConfig, RunConfig
 
 DEFAULT_WAN_SHIFT = 8.0  # ComfyUI's built-in shift for Wan models (used when no ModelSamplingSD3 is in the chain)
 DEFAULT_FPS = 16  # when no video node names a frame rate
@@ -472,6 +472,12 @@ class _Resolver:
             visited.add(m.id)
             if m.type == "UNETLoader":
                 model_file = self._typed(m, "unet_name", "str")
+                has_dtype = "weight_dtype" in m.inputs or (
+                    isinstance(m.widgets, dict) and "weight_dtype" in m.widgets) or (
+                    isinstance(m.widgets, list) and len(m.widgets) > 1)
+                weight_dtype = self._typed(m, "weight_dtype", "str") if has_dtype else "default"
+                if weight_dtype not in WEIGHT_DTYPES:
+                    raise self.err(m, f"weight_dtype {weight_dtype!r:.60} is not one of {', '.join(WEIGHT_DTYPES)}")
                 break
             if m.type == "ModelSamplingSD3":
                 value = self._typed(m, "shift", "float")
@@ -491,7 +497,7 @@ class _Resolver:
         p = PassConfig(expert=expert, model_file=model_file, lora_file=lora_file, lora_strength=lora_strength,
                           shift=DEFAULT_WAN_SHIFT if shift is None else shift, steps=steps, start_at_step=start,
                           end_at_step=end, add_noise=add_noise, return_with_leftover_noise=leftover, cfg=cfg,
-                          sampler=sampler, scheduler=scheduler)
+                          sampler=sampler, scheduler=scheduler, weight_dtype=weight_dtype)
         try:
             p.validate(f"pass {index + 1} ({expert})")
         except ConfigError as exc:
