@@ -71,7 +71,7 @@ def tiny_spiece() -> bytes:
 
 
 def wan_original_name(key: str) -> str:
-    """Original Wan transformer name of a diffusers WanTransformer3DModel tensor name (REFERENCE §2)."""
+    """Original Wan transformer name of a diffusers WanTransformer3DModel tensor name (the original key layout)."""
     top = {
         "condition_embedder.time_embedder.linear_1.": "time_embedding.0.",
         "condition_embedder.time_embedder.linear_2.": "time_embedding.2.",

@@ -138,10 +138,11 @@ def test_cli_unknown_preset_exits_2_with_one_line():
     assert "unknown preset 'nope'" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_forward_flops_match_reference_section_4():
+def test_forward_flops_at_the_users_size():
     from wan_pipeline.run.case import forward_flops
 
-    # REFERENCE §4, 832x1216x49 (51,376 tokens): linear layers 1.23 PFLOP + self-attention 2.16 PFLOP (64 %)
+    # 832x1216x49 (51,376 tokens), A14B (40 blocks, 5120 wide): linear layers 1.23 PFLOP + self-attention
+    # 2.16 PFLOP (64 %) per expert forward
     total = forward_flops(51376)
     self_attention = 40 * 4 * 51376 ** 2 * 5120
     assert self_attention / 1e15 == pytest.approx(2.16, abs=0.005)

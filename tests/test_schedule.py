@@ -1,4 +1,4 @@
-"""ComfyUI's sigma math, pinned to REFERENCE §2."""
+"""ComfyUI's sigma math, pinned to the values docs/comfyui.md gives (sections 1-5)."""
 
 import numpy as np
 import pytest

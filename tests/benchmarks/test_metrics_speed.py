@@ -1,4 +1,4 @@
-"""Speed of the clip metrics: all of them for 49 frames at 832x1216 within 10 s (issue 4).
+"""Speed of the clip metrics: all of them for 49 frames at 832x1216 within 10 s.
 
 The metrics run on the CPU (numpy + scikit-image, no torch), whatever accelerator the machine has; the benchmark
 records that, the frame size and the core count in `extra_info`.

@@ -1,4 +1,4 @@
-"""`wan-bench compare`, `wan-bench trend` and `wan-bench report`: verdicts from pytest-benchmark history files.
+"""`wan-bench compare`, `trend`, `report` and `results`: verdicts and tables from pytest-benchmark history files.
 
 No torch import here or below: these commands start in well under a second on any machine.
 """
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.fsutil import atomic_write_json
@@ -120,6 +122,43 @@ def run_report(args: argparse.Namespace) -> int:
     paths = write_report(args.storage, args.out, threshold=args.threshold, title=args.title)
     for path in paths:
         print(path)
+    return 0
+
+
+def configure_results_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", metavar="FILES_OR_FOLDER",
+                   help="stored pytest-benchmark JSON files, or folders of them (every *.json inside, recursively; "
+                        "the project keeps its own in docs/results)")
+    p.add_argument("--out", default="README.md", metavar="MARKDOWN",
+                   help="markdown file whose block between '<!-- results:begin -->' and '<!-- results:end -->' is "
+                        "rewritten, atomically (default README.md; '-' prints the block instead)")
+
+
+def _regenerate_command(sources: list[str], out: str) -> str:
+    """The command line that wrote the table, as run from the markdown file's folder (so the table says how to
+    regenerate it without naming this machine's paths)."""
+    base = Path(out).resolve().parent if out != "-" else Path.cwd()
+
+    def shown(path: str) -> str:
+        try:
+            rel = os.path.relpath(Path(path).resolve(), base)
+        except ValueError:  # another drive
+            return path
+        return path if rel.startswith("..") else Path(rel).as_posix()
+
+    target = "" if out == "-" else f" --out {Path(out).name}"
+    return "wan-bench results " + " ".join(shown(s) for s in sources) + target
+
+
+def run_results(args: argparse.Namespace) -> int:
+    from wan_pipeline.history.results import load_results, render_results, update_results
+
+    command = _regenerate_command(args.sources, args.out)
+    if args.out == "-":
+        print(render_results(load_results(args.sources), command), end="")
+        return 0
+    changed = update_results(args.out, args.sources, command)
+    print(f"{args.out}: results table {'rewritten' if changed else 'already up to date'}")
     return 0
 
 

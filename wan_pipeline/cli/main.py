@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("wan_pipeline.cli.history", "compare two benchmark runs: verdict per benchmark, what changed; exit 1 on a regression"),
     "trend": ("wan_pipeline.cli.history", "find the runs where a benchmark stepped and what changed there"),
     "report": ("wan_pipeline.cli.history", "write an HTML page and a markdown summary with plots of the history"),
+    "results": ("wan_pipeline.cli.history", "rewrite a markdown file's results table from stored benchmark files"),
     "metrics": ("wan_pipeline.cli.metrics", "temporal-consistency metrics of a clip (flicker, SSIM, warp, motion)"),
 }
 

@@ -44,7 +44,7 @@ RESIDENCIES = ("auto", "resident", "offload-text-encoder", "offload-idle-expert"
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "sage", "flash-attn",
                       "cudnn-fp8")
 
-# ComfyUI file names of the i2v A14B template (REFERENCE §1).
+# ComfyUI file names of the i2v A14B template (video_wan2_2_14B_i2v).
 HIGH_NOISE_MODEL = "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"
 LOW_NOISE_MODEL = "wan2.2_i2v_low_noise_14B_fp8_scaled.safetensors"
 HIGH_NOISE_LORA = "wan2.2_i2v_lightx2v_4steps_lora_v1_high_noise.safetensors"

@@ -1,4 +1,4 @@
-"""ComfyUI's flow-matching sigma math, reproduced in float32 (REFERENCE §2).
+"""ComfyUI's flow-matching sigma math, reproduced in float32 (docs/comfyui.md, sections 1-5).
 
 Pure functions over numbers: the flow sigma table of ModelSamplingSD3 / ModelSamplingDiscreteFlow, the `simple`
 scheduler, and KSamplerAdvanced's step slicing. ComfyUI computes these in torch float32; numpy float32 gives the
@@ -61,7 +61,7 @@ def model_timesteps(sigmas: np.ndarray, multiplier: float = MULTIPLIER) -> np.nd
 
 
 def handover_scale(previous_last_sigma: float, next_first_sigma: float) -> float:
-    """Factor from one pass's last Euler state to the next pass's starting state (REFERENCE §2).
+    """Factor from one pass's last Euler state to the next pass's starting state (docs/comfyui.md, section 5).
 
     A pass ends with inverse noise scaling x / (1 - sigma_last); the next starts with
     sigma0*noise + (1 - sigma0)*latent. With no new noise the next pass starts from

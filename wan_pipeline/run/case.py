@@ -193,7 +193,7 @@ class CaseRun:
 
 
 def forward_flops(tokens: int, text_tokens: int = 512, dim: int = 5120, ffn: int = 13824, layers: int = 40) -> float:
-    """FLOPs of one expert forward (REFERENCE §4): linear layers plus self- and cross-attention matmuls."""
+    """FLOPs of one expert forward: linear layers plus self- and cross-attention matmuls."""
     per_layer_linear = 2 * tokens * (4 * dim * dim + 2 * dim * ffn) + 2 * (tokens * 2 * dim * dim) \
         + 2 * text_tokens * 2 * dim * dim
     self_attn = 4 * tokens * tokens * dim

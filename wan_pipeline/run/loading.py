@@ -244,7 +244,7 @@ def _to_diffusers_names(original_keys, path: Path) -> dict[str, str]:
 
 
 def _original_name_candidates(num_layers: int) -> list[str]:
-    """The original Wan tensor names (REFERENCE §2) a model of ``num_layers`` blocks may hold."""
+    """The original Wan tensor names a model of ``num_layers`` blocks may hold."""
     wb = ("weight", "bias")
     names = ["head.modulation"]
     for m in ("patch_embedding", "text_embedding.0", "text_embedding.2", "time_embedding.0", "time_embedding.2",
@@ -266,7 +266,7 @@ def _shape(sd: dict, key: str, path: Path) -> torch.Size:
 
 
 def infer_transformer_config(sd: dict, path: Path, num_attention_heads: int | None = None) -> dict:
-    """WanTransformer3DModel config (A14B i2v defaults, REFERENCE §3) with the sizes read off diffusers-named tensors."""
+    """WanTransformer3DModel config (A14B i2v defaults) with the sizes read off diffusers-named tensors."""
     pe = _shape(sd, "patch_embedding.weight", path)
     inner, in_channels, patch = pe[0], pe[1], tuple(pe[2:])
     if num_attention_heads is None:

@@ -1,6 +1,6 @@
 """LoRA merging for Wan experts, following ComfyUI's LoraLoaderModelOnly.
 
-Key formats (REFERENCE §2): a module name with the prefix ``diffusion_model.`` (dotted original Wan names, e.g.
+Key formats (docs/comfyui.md, sections 11-12): a module name with the prefix ``diffusion_model.`` (dotted original Wan names, e.g.
 ``diffusion_model.blocks.0.self_attn.q``) or ``lora_unet_`` (the same name with dots flattened to underscores),
 followed by one of
 

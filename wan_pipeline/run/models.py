@@ -17,7 +17,7 @@ import torch
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.plan.config import FP8_PRECISIONS, FP16_PRECISIONS, ModelSetKey, RunConfig
 
-# WanTransformer3DModel configuration of the A14B i2v experts (REFERENCE §3).
+# WanTransformer3DModel configuration of the A14B i2v experts (the Wan 2.2 I2V-A14B config).
 A14B_TRANSFORMER = dict(
     patch_size=(1, 2, 2),
     num_attention_heads=40,
@@ -37,7 +37,7 @@ A14B_TRANSFORMER = dict(
 TINY_TRANSFORMER = dict(A14B_TRANSFORMER, num_attention_heads=2, attention_head_dim=24, text_dim=32, freq_dim=32,
                         ffn_dim=64, num_layers=2)
 
-# UMT5-XXL encoder (REFERENCE §2) and a tiny one of the same class.
+# UMT5-XXL encoder (docs/comfyui.md, section 14) and a tiny one of the same class.
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 relative_attention_num_buckets=32, relative_attention_max_distance=128,
                 feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_encoder_decoder=False,
@@ -299,9 +299,8 @@ def _tensors(module: torch.nn.Module):
 def working_memory_estimate(tokens: int, width: int, height: int, inner_dim: int = 5120, vae_bands: int = 1) -> int:
     """Bytes a run needs beyond the weights: the larger of a transformer forward's activations and the VAE.
 
-    VAE encode/decode of 49 x 1216 x 832 in bf16 peaks near 12 GiB (REFERENCE §4, H100: 11.5 GB for decode; an uncompiled
-    wan-bench run printed +10.9 GiB for the decode stage on an H100, before the VAE kernels)
-    and scales with the frame area; a block's activations are about a dozen bf16 copies of the hidden states.
+    VAE encode/decode of 49 x 1216 x 832 in bf16 is taken as 12 GiB (a round figure above what the allocator showed
+    for the decode stage on an 80 GB card, so the estimate errs high) and scales with the frame area; a block's activations are about a dozen bf16 copies of the hidden states.
     3 GiB margin for the allocator and the text encoder's activations.
     """
     vae = int(12 * 2**30 * (width * height) / (832 * 1216) / vae_bands)

@@ -2,7 +2,7 @@
 
 The stock `WanImageToVideoPipeline` runs on the very modules of the cached model set (same experts, VAE and
 text encoder, bf16, diffusers' own attention and VAE forwards), so our pipeline's speed is reported as a ratio measured in the
-same session. The expert forward is the unit issue 7's targets are stated in; its output is compared with the
+same session. The expert forward is the unit the speed targets are stated in; its output is compared with the
 bf16 SDPA output on the same inputs.
 """
 

@@ -1,4 +1,4 @@
-"""The two-pass sampler with ComfyUI's exact semantics (REFERENCE §2), k-diffusion style.
+"""The two-pass sampler with ComfyUI's exact semantics (docs/comfyui.md, sections 3-8), k-diffusion style.
 
 `sample_euler` is a short function over a sigma list; `run_pass` wraps it the way KSamplerAdvanced does: noise
 from a CPU float32 generator seeded like ComfyUI, latent normalisation in/out, noise scaling at the start,

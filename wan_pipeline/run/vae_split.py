@@ -1,8 +1,8 @@
 """The VAE in bands of rows: split over sequence-parallel ranks, or one band after another to save memory.
 
 Ulysses splits the experts' tokens over the ranks, but the Wan VAE (a causal 3D convolution net, sequential in
-time) would run whole on every rank and cap the speed-up (at 81 frames on 2 H100s, encode and decode were 28 %
-of the parallel run in session 9, before the VAE kernels). As LightX2V and xDiT do, each rank takes a band of latent rows widened by a halo, so its
+time) would run whole on every rank and cap the speed-up (at 81 frames on two GPUs encode and decode were over a
+quarter of the split run before the VAE was split too). As LightX2V and xDiT do, each rank takes a band of latent rows widened by a halo, so its
 convolutions see their neighbours, runs the VAE on it, drops the halo and all-gathers the bands. The VAE's
 mid-block attention sees band plus halo only, so the frames are close to, not bit-identical with, the whole-frame
 VAE: `wan-bench run --gpus N` reports their PSNR against the one-GPU run.

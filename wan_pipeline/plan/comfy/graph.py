@@ -18,7 +18,7 @@ from wan_pipeline.errors import WorkflowError
 MODE_ACTIVE, MODE_MUTED, MODE_BYPASSED = 0, 2, 4
 _MAX_SUBGRAPH_DEPTH = 16
 
-# Widget order of each node type this module reads (UI format ``widgets_values``; REFERENCE §1).
+# Widget order of each node type this module reads (UI format ``widgets_values``; docs/comfyui.md, section 15).
 WIDGET_NAMES: dict[str, tuple[str, ...]] = {
     "KSamplerAdvanced": ("add_noise", "noise_seed", "control_after_generate", "steps", "cfg", "sampler_name",
                          "scheduler", "start_at_step", "end_at_step", "return_with_leftover_noise"),
