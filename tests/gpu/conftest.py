@@ -1,6 +1,8 @@
-"""The GPU tier (`pytest -m gpu`): small-size checks of the code that only runs on a CUDA device. Every test here is
-marked `gpu` and skipped, with the reason, where torch sees no CUDA device; on a GPU box it is part of the default
-run. Each one skips naming what is missing (a package, a compute capability), never errors for it."""
+"""The GPU tier (`pytest -m gpu`): small-size checks of the code that only runs on a CUDA device. Every module here
+is marked `gpu` (pytestmark) and every test is skipped, with the reason, where torch sees no CUDA device; on a GPU
+box it is part of the default run. A test skips naming what else is missing (a package, a compute capability)."""
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +11,12 @@ NO_CUDA = "needs a CUDA device: torch.cuda.is_available() is False (no GPU visib
 
 
 def pytest_collection_modifyitems(config, items):
-    here = __file__.rsplit("/", 1)[0]
+    if torch.cuda.is_available():
+        return
+    here = Path(__file__).parent
     for item in items:
-        if str(item.path).startswith(here):
-            item.add_marker(pytest.mark.gpu)
-            if not torch.cuda.is_available():
-                item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+        if here in Path(item.path).parents:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
 
 
 @pytest.fixture

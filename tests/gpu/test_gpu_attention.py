@@ -8,6 +8,8 @@ from wan_pipeline import attention
 from wan_pipeline.config import ATTENTION_BACKENDS
 from wan_pipeline.reference import cosine
 
+pytestmark = pytest.mark.gpu
+
 HEADS, HEAD_DIM = 40, 128  # the A14B experts
 TOKENS = 4096  # self-attention at a small Wan latent; the 832x1216x49 run has 51,376
 TEXT = 512  # cross-attention: the text tokens

@@ -1,12 +1,15 @@
 """Regional compile on a GPU: the graphs compiled in the warm-up are counted, steady rounds report no recompile,
 and a recompile forced during the timed rounds is reported in extra_info (case.py)."""
 
+import pytest
 import torch
 
 from gpu_helpers import tiny_models
 from wan_pipeline.case import CaseRun
 from wan_pipeline.plan import make_plan
 from wan_pipeline.presets import get_preset
+
+pytestmark = pytest.mark.gpu
 
 
 def test_compile_counts_graphs_and_reports_a_recompile_during_the_rounds(cuda):

@@ -8,6 +8,8 @@ from wan_pipeline.errors import WanBenchError
 from wan_pipeline.precision import FP8, FP8_MAX, Fp8Linear, check_fp8_matmul, quantize_per_tensor
 from wan_pipeline.reference import cosine
 
+pytestmark = pytest.mark.gpu
+
 
 @pytest.fixture
 def fp8_device(cuda):

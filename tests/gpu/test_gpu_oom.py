@@ -13,6 +13,8 @@ from gpu_helpers import tiny_models
 from wan_pipeline.case import WanCase
 from wan_pipeline.pytest_plugin import out_of_memory_isolation
 
+pytestmark = pytest.mark.gpu
+
 
 @contextlib.contextmanager
 def memory_cap(device, headroom_bytes):

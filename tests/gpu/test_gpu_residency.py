@@ -1,9 +1,12 @@
 """Residency on a real device: an off-loaded component comes back bit-exact, and so does its output."""
 
+import pytest
 import torch
 
 from gpu_helpers import tiny_models
 from wan_pipeline.models import Residency
+
+pytestmark = pytest.mark.gpu
 
 
 def _state(module):

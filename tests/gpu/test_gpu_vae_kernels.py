@@ -8,6 +8,8 @@ from wan_pipeline import vae_kernels
 from wan_pipeline.models import TINY_VAE, random_vae
 from wan_pipeline.reference import cosine
 
+pytestmark = pytest.mark.gpu
+
 
 @pytest.fixture
 def deterministic_cudnn(monkeypatch):
