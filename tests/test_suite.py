@@ -1,30 +1,43 @@
 """The pytest plugin end to end, in inner pytest sessions: the tiny matrix, the model cache, OOM isolation,
-the machine-info hook and per-GPU storage."""
+the machine-info hook and per-GPU storage. The inner sessions see no GPU (inner_sessions.cpu_only), so they
+show the CPU behaviour on a GPU box too."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from inner_sessions import cpu_only, plugin_args
 from wan_pipeline.cache import ModelCache
 from wan_pipeline.presets import get_preset
 
 pytest_plugins = ["pytester"]
 
 BENCHMARK_TEST = Path(__file__).parent / "benchmarks" / "test_generation.py"
-TINY = ["-p", "no:cacheprovider", "--wan-mode", "tiny", "--wan-rounds", "2", "--wan-warmup", "0"]
+PLAIN = ["-p", "no:cacheprovider", *plugin_args()]
+TINY = [*PLAIN, "--wan-mode", "tiny", "--wan-rounds", "2", "--wan-warmup", "0"]
+HAS_FFMPEG = importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
 @pytest.fixture
-def inner(pytester):
-    shutil.copy(BENCHMARK_TEST, pytester.path / "test_generation.py")
+def plain(pytester, monkeypatch):
+    cpu_only(monkeypatch)
     return pytester
 
 
+@pytest.fixture
+def inner(plain):
+    shutil.copy(BENCHMARK_TEST, plain.path / "test_generation.py")
+    return plain
+
+
 def test_tiny_benchmark_writes_pytest_benchmark_json_with_extra_info(inner):
+    # the default clip is mp4 (imageio-ffmpeg); without that package the clip is webp and mp4 is tested in test_video
+    video = [] if HAS_FFMPEG else ["--wan-video", "webp"]
     result = inner.runpytest_subprocess(*TINY, "--wan-preset", "seed-832x1216-49f,seed-832x1216-49f-cfg3.5",
                                         "--benchmark-only", "--benchmark-json", "out.json",
-                                        "--wan-out", str(inner.path / "out"))
+                                        "--wan-out", str(inner.path / "out"), *video)
     result.assert_outcomes(passed=2)
     data = json.loads((inner.path / "out.json").read_text())
     assert data["machine_info"]["gpu"] is None  # CPU: no NVML
@@ -43,7 +56,9 @@ def test_tiny_benchmark_writes_pytest_benchmark_json_with_extra_info(inner):
     assert info["peak_memory"]["torch_peak_bytes_by_stage"] == {}  # the CPU has no allocator statistics
     assert 0.0 <= info["metrics"]["flicker_score"] <= 1.0
     assert data["benchmarks"][1]["stats"]["rounds"] == 2
-    assert (inner.path / "out" / "seed-832x1216-49f-sdpa-bf16-compile0.mp4").stat().st_size > 0
+    clip = "mp4" if HAS_FFMPEG else "webp"
+    assert (inner.path / "out" / f"seed-832x1216-49f-sdpa-bf16-compile0.{clip}").stat().st_size > 0
+    assert info["video"].endswith(f"seed-832x1216-49f-cfg3.5-sdpa-bf16-compile0.{clip}")
     result.stdout.fnmatch_lines(["*quality thresholds not checked: tiny weights are random*",
                                  "*no budget for this card and preset, none checked*"])
 
@@ -99,7 +114,7 @@ def generate(prepared, plan, progress=False):
     return real(prepared, plan, progress)
 case.generate = generate
 """)
-    result = inner.runpytest_subprocess(*TINY, "--benchmark-only", "--wan-preset",
+    result = inner.runpytest_subprocess(*TINY, "--benchmark-only", "--wan-video", "webp", "--wan-preset",
                                         "seed-832x1216-49f-cfg7.0,seed-832x1216-49f")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*seed-832x1216-49f-cfg7.0-sdpa-bf16-compile0: out of GPU memory at * tokens*"
@@ -107,20 +122,20 @@ case.generate = generate
     assert "Traceback" not in result.stdout.str()
 
 
-def test_machine_info_hook_applies_to_any_benchmark(pytester):
-    pytester.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-json", "plain.json")
+def test_machine_info_hook_applies_to_any_benchmark(plain):
+    plain.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
+    result = plain.runpytest_subprocess(*PLAIN, "--benchmark-json", "plain.json")
     result.assert_outcomes(passed=1)
-    info = json.loads((pytester.path / "plain.json").read_text())["machine_info"]
-    assert "gpu" in info and info["wan_env"]["version.torch"] and "env.TORCH_COMPILE" in info["wan_env"]
+    info = json.loads((plain.path / "plain.json").read_text())["machine_info"]
+    assert "gpu" in info and info["gpu"] is None  # no GPU visible to the session and info["wan_env"]["version.torch"] and "env.TORCH_COMPILE" in info["wan_env"]
 
 
-def test_autosave_goes_to_a_folder_per_gpu_model(pytester):
-    pytester.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-autosave",
-                                           "--benchmark-storage", str(pytester.path / "store"))
+def test_autosave_goes_to_a_folder_per_gpu_model(plain):
+    plain.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
+    result = plain.runpytest_subprocess(*PLAIN, "--benchmark-autosave", "--benchmark-storage",
+                                        str(plain.path / "store"))
     result.assert_outcomes(passed=1)
-    saved = list((pytester.path / "store").glob("*/*.json"))
+    saved = list((plain.path / "store").glob("*/*.json"))
     assert len(saved) == 1 and saved[0].parent.name.endswith("-cpu")
     assert "data" in json.loads(saved[0].read_text())["benchmarks"][0]["stats"]  # rounds kept for compare
 
@@ -138,12 +153,12 @@ def test_bad_option_values_are_usage_errors(inner):
     assert "ERROR: --wan-video: unknown value 'gif'; choose from ('auto', 'mp4', 'webp', 'none')" in result.stderr.str()
 
 
-def test_two_autosaves_in_one_folder_get_their_own_numbers(pytester):
-    pytester.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
-    store = pytester.path / "store"
+def test_two_autosaves_in_one_folder_get_their_own_numbers(plain):
+    plain.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
+    store = plain.path / "store"
     for _ in range(2):
-        pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-autosave",
-                                      "--benchmark-storage", str(store)).assert_outcomes(passed=1)
+        plain.runpytest_subprocess(*PLAIN, "--benchmark-autosave",
+                                   "--benchmark-storage", str(store)).assert_outcomes(passed=1)
     names = sorted(p.name[:5] for p in store.glob("*/*.json"))
     assert names == ["0001_", "0002_"]
     assert not list(store.glob("*/.*.tmp"))
