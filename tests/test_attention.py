@@ -37,10 +37,21 @@ def test_a_kernel_that_cannot_run_here_is_refused_with_its_reason(name, reason):
         attention.choose(name, tokens=64, heads=2, head_dim=16, device=torch.device("cpu"), dtype=torch.float32)
 
 
-def test_fp8_attention_says_why_it_cannot_run_on_this_machine():
-    from wan_pipeline.run.fp8_attention import available
+def test_fp8_attention_says_why_it_cannot_run_without_cuda(monkeypatch):
+    from wan_pipeline.run import fp8_attention
 
-    assert available() == "CUDA is not available to torch (no GPU visible, or a CPU-only torch build)"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU box, also where this one has a GPU
+    assert fp8_attention.available() == "CUDA is not available to torch (no GPU visible, or a CPU-only torch build)"
+
+
+def test_fp8_attention_says_why_it_cannot_run_on_a_card_that_is_not_hopper(monkeypatch):
+    from wan_pipeline.run import fp8_attention
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (8, 9))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "NVIDIA L40S")
+    assert fp8_attention.available() == "FP8 attention here targets Hopper (sm_90); cuda:0 is NVIDIA L40S (sm_89)"
 
 
 def test_auto_times_what_runs_and_says_which_it_picked():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from inner_sessions import cpu_only, plugin_args
 
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.run.parallel import check_degree, check_sequence_parallel, scaling
@@ -147,11 +148,10 @@ def test_a_rank_of_the_wrong_world_size_is_refused(monkeypatch):
     (["--wan-sp", "x"], "*error: argument --wan-sp: must be an integer, got 'x'"),
 ])
 def test_sp_usage_errors_start_nothing(pytester, monkeypatch, extra, message):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    for name in ("WAN_SP", "WAN_GPUS", "RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(name, raising=False)
+    cpu_only(monkeypatch)  # no GPU visible: 0 GPUs on any machine
     pytester.makepyfile(test_x="def test_x(): pass")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--wan-mode", "tiny", "--wan-sp", "2", *extra)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", *plugin_args(), "--wan-mode", "tiny", "--wan-sp",
+                                           "2", *extra)
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message.replace("[", "[[]")])
     assert "Traceback" not in result.stderr.str()

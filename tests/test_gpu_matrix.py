@@ -1,6 +1,7 @@
 """--wan-gpus: the matrix spread over plain pytest worker processes, one per GPU. The sharding, argument filtering,
 progress reading and merging as pure functions; then inner pytest sessions in tiny mode with two CPU workers (merged
-results, a worker that dies, a timeout, bad input)."""
+results, a worker that dies, a timeout, bad input). The inner sessions see no GPU (inner_sessions.cpu_only), on a GPU
+box too."""
 
 import argparse
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from inner_sessions import REPO, cpu_only, plugin_args
 
 from wan_pipeline.history.runs import load_run
 from wan_pipeline.plan.presets import get_preset
@@ -23,11 +25,11 @@ from wan_pipeline.suite.options import _gpus, _seconds
 
 pytest_plugins = ["pytester"]
 
-REPO = Path(__file__).resolve().parent.parent
 BENCHMARK_TEST = REPO / "tests" / "benchmarks" / "test_generation.py"
 PRESETS = "seed-832x1216-49f,template-640x640-81f-20step"
-MATRIX = ["-p", "no:cacheprovider", "--wan-mode", "tiny", "--wan-gpus", "2", "--benchmark-min-rounds", "2", "--wan-warmup", "0",
-          "--wan-preset", PRESETS, "--benchmark-only"]
+PLAIN = ["-p", "no:cacheprovider", *plugin_args()]
+MATRIX = [*PLAIN, "--wan-mode", "tiny", "--wan-gpus", "2", "--benchmark-min-rounds", "2", "--wan-warmup", "0",
+          "--wan-preset", PRESETS, "--benchmark-only", "--wan-video", "webp"]
 SEED = "test_generation.py::test_generation[seed-832x1216-49f-sdpa-bf16-compile0]"
 TEMPLATE = "test_generation.py::test_generation[template-640x640-81f-20step-sdpa-bf16-compile0]"
 
@@ -241,11 +243,10 @@ def test_progress_says_which_cases_a_worker_started_and_how_each_it_finished_end
 
 @pytest.fixture
 def inner(pytester, monkeypatch):
-    """A pytester dir with the generation benchmark, running this checkout's wan_pipeline in every process."""
+    """A pytester dir with the generation benchmark, running this checkout's wan_pipeline in every process, with
+    no GPU visible: the workers are CPU workers whatever the machine has."""
     shutil.copy(BENCHMARK_TEST, pytester.path / "test_generation.py")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    for name in ("WAN_GPUS", "WAN_GPUS_TIMEOUT", "PYTEST_ADDOPTS", "CUDA_VISIBLE_DEVICES"):
-        monkeypatch.delenv(name, raising=False)
+    cpu_only(monkeypatch)
     return pytester
 
 
@@ -348,25 +349,77 @@ def test_a_worker_that_dies_fails_its_case_clearly_and_the_other_result_is_kept(
 
 SLEEPER = """
 import os, time
+from pathlib import Path
+
+DONE = Path(os.environ["WAN_TEST_FAST_DONE"])
+
+
+def _worker(config):
+    """The worker's index, from its shard file's name (worker-N.shard); None in the controller."""
+    shard = config.getoption("wan_shard")
+    return None if not shard else os.path.basename(shard)[len("worker-"):-len(".shard")]
+
 
 def pytest_runtest_call(item):
-    shard = os.path.basename(item.config.getoption("wan_shard") or "")
-    if shard == "worker-%s.shard" % os.environ.get("WAN_TEST_SLOW_WORKER"):
+    if _worker(item.config) == os.environ.get("WAN_TEST_SLOW_WORKER"):
         time.sleep(300)
+
+
+def pytest_unconfigure(config):
+    worker = _worker(config)
+    if worker is not None and worker != os.environ["WAN_TEST_SLOW_WORKER"]:
+        DONE.write_text(f"{os.getpid()} {time.time()!r}")
+
+
+def _exited(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+class ClockFromFastWorkerExit:
+    \"\"\"The controller's clock stands still until the fast worker has exited (and been reaped), then runs: the
+    timeout is counted from there, so how long workers take to start or to finish on this machine cannot decide
+    which of them times out.\"\"\"
+
+    def __init__(self):
+        self.started = None
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    def monotonic(self):
+        if self.started is None:
+            if not DONE.exists() or not _exited(int(DONE.read_text().split()[0])):
+                return 0.0
+            self.started = time.monotonic()
+        return time.monotonic() - self.started
+
+
+def pytest_configure(config):
+    if _worker(config) is None:  # the controller
+        import wan_pipeline.launch.workers as workers
+
+        workers.time = ClockFromFastWorkerExit()
 """
+TIMEOUT_S = 5
 
 
 def test_a_worker_over_the_timeout_is_stopped_and_reported(inner, monkeypatch):
     inner.makeconftest(SLEEPER)
+    done = inner.path / "fast-worker-done"
     monkeypatch.setenv("WAN_TEST_SLOW_WORKER", "0")
-    start = time.monotonic()
-    result = inner.runpytest_subprocess(*MATRIX, "--wan-gpus-timeout", "75", "--benchmark-json", "out.json",
-                                        "--wan-out", str(inner.path / "out"))
-    assert time.monotonic() - start < 150  # the sleeper alone would take 300 s
+    monkeypatch.setenv("WAN_TEST_FAST_DONE", str(done))
+    result = inner.runpytest_subprocess(*MATRIX, "--wan-gpus-timeout", str(TIMEOUT_S), "--benchmark-json",
+                                        "out.json", "--wan-out", str(inner.path / "out"))
+    assert done.exists(), result.stdout.str()
+    assert time.time() - float(done.read_text().split()[1]) < TIMEOUT_S + 60  # stopped at the timeout, not at the 300 s sleep
     assert result.ret == 1
     data = json.loads((inner.path / "out.json").read_text())
     slow = [w for w in data["wan_workers"] if w["worker"] == 0][0]
-    assert slow["status"] == "timed out" and "--wan-gpus-timeout 75 s" in slow["problem"]
+    assert slow["status"] == "timed out" and f"--wan-gpus-timeout {TIMEOUT_S} s" in slow["problem"]
     assert [w["status"] for w in data["wan_workers"] if w["worker"] == 1] == ["ok"], result.stdout.str()
     assert len(data["benchmarks"]) == 1
     result.stdout.fnmatch_lines([f"FAILED {slow['cases'][0]}*"])
@@ -374,7 +427,7 @@ def test_a_worker_over_the_timeout_is_stopped_and_reported(inner, monkeypatch):
 
 
 def test_more_gpus_than_exist_is_a_usage_error_naming_both_numbers(inner):
-    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--wan-mode", "synthetic", "--wan-gpus", "3",
+    result = inner.runpytest_subprocess(*PLAIN, "--wan-mode", "synthetic", "--wan-gpus", "3",
                                         "--collect-only")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: --wan-gpus / WAN_GPUS '3': 3 GPUs asked for but this host has 0 "
@@ -384,7 +437,7 @@ def test_more_gpus_than_exist_is_a_usage_error_naming_both_numbers(inner):
 
 def test_collect_only_shows_the_plan_and_starts_no_worker(inner, monkeypatch):
     monkeypatch.setenv("WAN_GPUS", "3")
-    result = inner.runpytest_subprocess("-p", "no:cacheprovider", "--wan-mode", "tiny", "--wan-preset",
+    result = inner.runpytest_subprocess(*PLAIN, "--wan-mode", "tiny", "--wan-preset",
                                         PRESETS + ",seed-832x1216-81f", "--collect-only", "-q",
                                         "--wan-out", str(inner.path / "out"))
     assert result.ret == 0

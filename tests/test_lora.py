@@ -81,6 +81,29 @@ def test_diff_and_diff_b(tmp_path, model):
     assert any("1 LoRA keys accepted and ignored, as ComfyUI does" in n for n in w.notes)
 
 
+def test_diff_replaces_the_same_modules_lora_pair(tmp_path, model):
+    """ComfyUI keeps one patch per weight and takes a module's .diff after its lora_up/lora_down: the diff alone
+    is applied, the pair accepted (no 'not loaded' warning) and left out; a diff_b still adds to the bias."""
+    import warnings
+
+    base = tmp_path / "base.safetensors"
+    write_wan_file(base, model, "fp32")
+    up, down, d_w, d_b = dyadic((32, 4), 1), dyadic((4, 32), 2), dyadic((32, 32), 3), dyadic((32,), 4)
+    save_file({f"diffusion_model.{TARGET}.lora_up.weight": up, f"diffusion_model.{TARGET}.lora_down.weight": down,
+               f"diffusion_model.{TARGET}.alpha": torch.tensor(8.0), f"diffusion_model.{TARGET}.diff": d_w,
+               f"diffusion_model.{TARGET}.diff_b": d_b}, str(tmp_path / "l.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        w = load(base, tmp_path / "l.safetensors", 0.5)
+    src = model.state_dict()
+    assert torch.equal(w.state_dict[TARGET_D], src[TARGET_D] + 0.5 * d_w)
+    assert torch.equal(w.state_dict["blocks.1.attn1.to_q.bias"], src["blocks.1.attn1.to_q.bias"] + 0.5 * d_b)
+    assert w.lora.superseded == sorted(f"diffusion_model.{TARGET}.{r}" for r in
+                                       ("lora_up.weight", "lora_down.weight", "alpha"))
+    assert w.lora.ignored_keys == [] and w.lora.accepted_unapplied == []
+    assert any("3 lora_up/lora_down keys accepted and ignored, as ComfyUI does" in n for n in w.notes)
+
+
 def test_lora_on_bf16_rounds_like_comfyui(tmp_path, model):
     base = tmp_path / "base.safetensors"
     expected = write_wan_file(base, model, "bf16")

@@ -38,11 +38,11 @@ def test_synthetic_on_a_cpu_is_refused():
         load_model_set(ModelSetKey.for_run(cfg, "synthetic", None), device=torch.device("cpu"))
 
 
-def test_auto_mode_without_models_or_gpu_is_tiny(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    assert resolve_mode("auto", None) == "tiny"
-    assert resolve_mode("auto", str(tmp_path)) == "tiny"  # a folder without the files
+def test_auto_mode_without_models_is_tiny_on_a_cpu_and_synthetic_on_a_gpu(tmp_path, monkeypatch):
+    for has_gpu, mode in ((False, "tiny"), (True, "synthetic")):  # the device probe forced, on any machine
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: has_gpu)
+        assert resolve_mode("auto", None) == mode
+        assert resolve_mode("auto", str(tmp_path)) == mode  # a folder without the files
 
 
 class FakeSet:

@@ -1,11 +1,14 @@
 """The pytest plugin end to end, in inner pytest sessions: the tiny matrix, the model cache, OOM isolation,
-the machine-info hook and per-GPU storage."""
+the machine-info hook and per-GPU storage. The inner sessions see no GPU (inner_sessions.cpu_only), so they
+show the CPU behaviour on a GPU box too."""
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
+from inner_sessions import cpu_only, plugin_args
 from pytest_benchmark.utils import get_machine_id
 
 from wan_pipeline.plan.presets import get_preset
@@ -14,19 +17,29 @@ from wan_pipeline.run.cache import ModelCache
 pytest_plugins = ["pytester"]
 
 BENCHMARK_TEST = Path(__file__).parent / "benchmarks" / "test_generation.py"
-TINY = ["-p", "no:cacheprovider", "--wan-mode", "tiny", "--benchmark-min-rounds", "2", "--wan-warmup", "0"]
+PLAIN = ["-p", "no:cacheprovider", *plugin_args()]
+TINY = [*PLAIN, "--wan-mode", "tiny", "--benchmark-min-rounds", "2", "--wan-warmup", "0"]
+HAS_FFMPEG = importlib.util.find_spec("imageio_ffmpeg") is not None
 
 
 @pytest.fixture
-def inner(pytester):
-    shutil.copy(BENCHMARK_TEST, pytester.path / "test_generation.py")
+def plain(pytester, monkeypatch):
+    cpu_only(monkeypatch)
     return pytester
 
 
+@pytest.fixture
+def inner(plain):
+    shutil.copy(BENCHMARK_TEST, plain.path / "test_generation.py")
+    return plain
+
+
 def test_tiny_benchmark_writes_pytest_benchmark_json_with_extra_info(inner):
+    # the default clip is mp4 (imageio-ffmpeg); without that package the clip is webp and mp4 is tested in test_video
+    video = [] if HAS_FFMPEG else ["--wan-video", "webp"]
     result = inner.runpytest_subprocess(*TINY, "--wan-preset", "seed-832x1216-49f,seed-832x1216-49f-cfg3.5",
                                         "--benchmark-only", "--benchmark-json", "out.json",
-                                        "--wan-out", str(inner.path / "out"))
+                                        "--wan-out", str(inner.path / "out"), *video)
     result.assert_outcomes(passed=2)
     data = json.loads((inner.path / "out.json").read_text())
     assert data["machine_info"]["gpu"] is None  # CPU: no NVML
@@ -45,7 +58,9 @@ def test_tiny_benchmark_writes_pytest_benchmark_json_with_extra_info(inner):
     assert info["peak_memory"]["torch_peak_bytes_by_stage"] == {}  # the CPU has no allocator statistics
     assert 0.0 <= info["metrics"]["flicker_score"] <= 1.0
     assert data["benchmarks"][1]["stats"]["rounds"] == 2
-    assert (inner.path / "out" / "seed-832x1216-49f-sdpa-bf16-compile0.mp4").stat().st_size > 0
+    clip = "mp4" if HAS_FFMPEG else "webp"
+    assert (inner.path / "out" / f"seed-832x1216-49f-sdpa-bf16-compile0.{clip}").stat().st_size > 0
+    assert info["video"].endswith(f"seed-832x1216-49f-cfg3.5-sdpa-bf16-compile0.{clip}")
     result.stdout.fnmatch_lines(["*quality thresholds not checked: tiny weights are random*",
                                  "*no budget for this card and preset, none checked*"])
 
@@ -101,7 +116,7 @@ def generate(prepared, plan, progress=False):
     return real(prepared, plan, progress)
 case.generate = generate
 """)
-    result = inner.runpytest_subprocess(*TINY, "--benchmark-only", "--wan-preset",
+    result = inner.runpytest_subprocess(*TINY, "--benchmark-only", "--wan-video", "webp", "--wan-preset",
                                         "seed-832x1216-49f-cfg7.0,seed-832x1216-49f")
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(["*seed-832x1216-49f-cfg7.0-sdpa-bf16-compile0: out of GPU memory at * tokens*"
@@ -109,22 +124,23 @@ case.generate = generate
     assert "Traceback" not in result.stdout.str()
 
 
-def test_machine_info_hook_applies_to_any_benchmark(pytester):
-    pytester.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-json", "plain.json")
+def test_machine_info_hook_applies_to_any_benchmark(plain):
+    plain.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
+    result = plain.runpytest_subprocess(*PLAIN, "--benchmark-json", "plain.json")
     result.assert_outcomes(passed=1)
-    info = json.loads((pytester.path / "plain.json").read_text())["machine_info"]
-    assert "gpu" in info and info["wan_env"]["version.torch"] and "env.TORCH_COMPILE" in info["wan_env"]
+    info = json.loads((plain.path / "plain.json").read_text())["machine_info"]
+    assert "gpu" in info and info["gpu"] is None  # no GPU visible to the session
+    assert info["wan_env"]["version.torch"] and "env.TORCH_COMPILE" in info["wan_env"]
 
 
-def test_autosave_goes_to_a_folder_per_gpu_model(pytester):
-    pytester.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-autosave",
-                                           "--benchmark-storage", str(pytester.path / "store"))
+def test_autosave_goes_to_a_folder_per_gpu_model(plain):
+    plain.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
+    result = plain.runpytest_subprocess(*PLAIN, "--benchmark-autosave", "--benchmark-storage",
+                                        str(plain.path / "store"))
     result.assert_outcomes(passed=1)
     # <storage>/<gpu slug>/<pytest-benchmark's machine id>/NNNN_*.json: --benchmark-compare loads from the same folder
-    saved = list((pytester.path / "store").rglob("*.json"))
-    assert len(saved) == 1 and saved[0].parent.parent == pytester.path / "store" / "cpu"
+    saved = list((plain.path / "store").rglob("*.json"))
+    assert len(saved) == 1 and saved[0].parent.parent == plain.path / "store" / "cpu"
     assert saved[0].parent.name == get_machine_id() and saved[0].name.startswith("0001_")
     assert "data" in json.loads(saved[0].read_text())["benchmarks"][0]["stats"]  # rounds kept for compare
 
@@ -150,29 +166,28 @@ def test_bad_option_values_are_usage_errors(inner, monkeypatch):
     assert "Traceback" not in result.stderr.str()
 
 
-def test_rounds_are_pytest_benchmarks_min_rounds_and_wan_rounds_sets_them(pytester, monkeypatch):
-    pytester.makepyfile("def test_x(wan_options, pytestconfig):\n"
+def test_rounds_are_pytest_benchmarks_min_rounds_and_wan_rounds_sets_them(plain, monkeypatch):
+    plain.makepyfile("def test_x(wan_options, pytestconfig):\n"
                         "    print('ROUNDS', wan_options.rounds, pytestconfig.getoption('benchmark_min_rounds'))\n")
     monkeypatch.delenv("WAN_ROUNDS", raising=False)
-    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s").stdout.fnmatch_lines(["*ROUNDS 5 5"])
+    plain.runpytest_subprocess(*PLAIN, "-s").stdout.fnmatch_lines(["*ROUNDS 5 5"])
     monkeypatch.setenv("WAN_ROUNDS", "3")
-    pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s").stdout.fnmatch_lines(["*ROUNDS 3 3"])
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-s", "--benchmark-min-rounds", "4")
+    plain.runpytest_subprocess(*PLAIN, "-s").stdout.fnmatch_lines(["*ROUNDS 3 3"])
+    result = plain.runpytest_subprocess(*PLAIN, "-s", "--benchmark-min-rounds", "4")
     result.stdout.fnmatch_lines(["*ROUNDS 4 4"])  # the command line wins over the environment
     monkeypatch.setenv("WAN_ROUNDS", "many")
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result = plain.runpytest_subprocess(*PLAIN)
     assert result.ret == pytest.ExitCode.USAGE_ERROR and "--benchmark-min-rounds" in result.stderr.str()
 
 
-def test_two_autosaves_in_one_folder_get_their_own_numbers(pytester):
-    pytester.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
-    store = pytester.path / "store"
+def test_two_autosaves_in_one_folder_get_their_own_numbers(plain):
+    plain.makepyfile("def test_plain(benchmark):\n    benchmark(sum, [1, 2, 3])\n")
+    store = plain.path / "store"
     for _ in range(2):
-        pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-autosave",
-                                      "--benchmark-storage", str(store)).assert_outcomes(passed=1)
+        plain.runpytest_subprocess(*PLAIN, "--benchmark-autosave",
+                                   "--benchmark-storage", str(store)).assert_outcomes(passed=1)
     # --benchmark-compare loads from the same per-GPU folder, through pytest-benchmark's own loading
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--benchmark-compare",
-                                           "--benchmark-storage", str(store))
+    result = plain.runpytest_subprocess(*PLAIN, "--benchmark-compare", "--benchmark-storage", str(store))
     result.assert_outcomes(passed=1)
     text = result.stdout.str() + result.stderr.str()
     assert "Comparing against benchmarks from: " + f"{get_machine_id()}/0002_" in text, text

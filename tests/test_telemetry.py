@@ -183,6 +183,15 @@ def test_snapshot_follows_cuda_visible_devices():
     assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "3"}) == 3
     assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "2,0"}) == 2
     assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "GPU-8f1c"}) == 0
+    assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": ""}) is None  # every GPU hidden: a CPU worker
+    assert visible_gpu_index({"CUDA_VISIBLE_DEVICES": "-1"}) is None
+
+
+def test_a_process_that_sees_no_gpu_records_none_even_where_nvml_sees_one(monkeypatch):
+    asked = []
+    monkeypatch.setattr(telemetry, "_nvml", lambda: asked.append(1) or pytest.fail("NVML asked for a hidden GPU"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert telemetry.gpu_snapshot() is None and asked == []
 
 
 @pytest.mark.parametrize("visible, present, expected", [

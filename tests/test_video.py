@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +13,10 @@ from PIL import Image
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.measure.media import (VideoReadError, VideoWriteError, center_crop_box, read_frames, read_image,
                                         resize_bilinear, resize_center_crop, write_video)
+
+
+needs_ffmpeg = pytest.mark.skipif(importlib.util.find_spec("imageio_ffmpeg") is None,
+                                  reason="imageio-ffmpeg is not installed (pip install imageio-ffmpeg): no mp4 here")
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -101,6 +107,7 @@ def test_resize_center_crop_crops_then_resizes():
 # ------------------------------------------------------------------------------------------ round trips
 
 
+@needs_ffmpeg
 def test_mp4_round_trip(tmp_path):
     clip = _moving_clip()
     out = write_video(clip, tmp_path / "clip.mp4", fps=16)
@@ -231,8 +238,6 @@ def test_read_errors_name_the_file(tmp_path):
     cases.append((tmp_path / "missing.mp4", "no such"))
     (tmp_path / "empty.mp4").write_bytes(b"")
     cases.append((tmp_path / "empty.mp4", "empty"))
-    (tmp_path / "junk.mp4").write_bytes(os.urandom(4096))
-    cases.append((tmp_path / "junk.mp4", "cannot be decoded as video"))
     (tmp_path / "junk.webp").write_bytes(b"RIFF\x00\x00\x00\x00WEBPnonsense" * 10)
     cases.append((tmp_path / "junk.webp", "cannot be decoded"))
     (tmp_path / "noframes").mkdir()
@@ -247,6 +252,23 @@ def test_read_errors_name_the_file(tmp_path):
         with pytest.raises(VideoReadError, match=message) as info:
             read_frames(path)
         assert str(path) in str(info.value) or path.name in str(info.value)
+
+
+@needs_ffmpeg
+def test_an_mp4_that_is_not_video_names_the_file(tmp_path):
+    (tmp_path / "junk.mp4").write_bytes(os.urandom(4096))
+    with pytest.raises(VideoReadError, match="junk.mp4: cannot be decoded as video"):
+        read_frames(tmp_path / "junk.mp4")
+
+
+def test_without_imageio_ffmpeg_mp4_is_a_clear_error_and_no_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # what a missing package looks like to `import`
+    with pytest.raises(VideoWriteError, match="clip.mp4: mp4 needs imageio-ffmpeg, which is not installed"):
+        write_video(_moving_clip(t=2), tmp_path / "clip.mp4", fps=16)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)
+    with pytest.raises(VideoReadError, match="clip.mp4: mp4 needs imageio-ffmpeg.*pip install imageio-ffmpeg"):
+        read_frames(tmp_path / "clip.mp4")
 
 
 def test_read_image_errors(tmp_path):

@@ -73,8 +73,18 @@ def _read_pil_sequence(path: Path) -> list[np.ndarray]:
         raise VideoReadError(f"{path}: cannot be decoded as an image or animation ({exc})") from exc
 
 
+def _imageio_ffmpeg(path: Path, error: type[Exception]):
+    """imageio-ffmpeg (its bundled ffmpeg reads and writes mp4), or `error` naming the file and the fix."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise error(f"{path}: mp4 needs imageio-ffmpeg, which is not installed (pip install imageio-ffmpeg; "
+                    f"or use .webp)") from None
+    return imageio_ffmpeg
+
+
 def _read_ffmpeg(path: Path) -> list[np.ndarray]:
-    import imageio_ffmpeg
+    imageio_ffmpeg = _imageio_ffmpeg(path, VideoReadError)
 
     frames: list[np.ndarray] = []
     gen = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
@@ -202,6 +212,7 @@ def write_video(frames: np.ndarray, path: str | os.PathLike, fps: float) -> Path
                 f"{path}: H.264 yuv420p needs an even width and height, got {frames.shape[2]}x{frames.shape[1]} "
                 "(write .webp instead)"
             )
+        _imageio_ffmpeg(path, VideoWriteError)  # before any file is touched
         writer = _write_mp4
     elif suffix == ".webp":
         writer = _write_webp

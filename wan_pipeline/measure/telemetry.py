@@ -227,10 +227,17 @@ def _clock_event_mask(nvml, handle) -> int | None:
     return None
 
 
-def visible_gpu_index(environ=None) -> int:
+def visible_gpu_index(environ=None) -> int | None:
     """The NVML index of the first GPU this process sees: NVML ignores CUDA_VISIBLE_DEVICES, so a worker pinned
-    to device 3 must ask NVML for device 3, not 0. Only numeric entries are understood (UUIDs fall back to 0)."""
-    first = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+    to device 3 must ask NVML for device 3, not 0. Only numeric entries are understood (UUIDs fall back to 0).
+    None when CUDA_VISIBLE_DEVICES hides every GPU (set but empty, or starting with -1, as CUDA reads it): a CPU
+    worker on a GPU host records no GPU."""
+    environ = os.environ if environ is None else environ
+    if "CUDA_VISIBLE_DEVICES" not in environ:
+        return 0
+    first = environ["CUDA_VISIBLE_DEVICES"].split(",")[0].strip()
+    if not first or first.startswith("-"):
+        return None
     return int(first) if first.isdigit() else 0
 
 
@@ -271,10 +278,12 @@ def cuda_available(environ=None) -> bool:
 
 def gpu_snapshot(index: int | None = None) -> dict | None:
     """The state of GPU `index` now (default: the first one this process sees; identity without UUID or serial,
-    clocks, memory, heat, power, clock-event reasons), or None when NVML is unavailable. Fields NVML cannot read
+    clocks, memory, heat, power, clock-event reasons), or None when NVML is unavailable or no GPU is visible. Fields NVML cannot read
     are None. Never raises."""
     if index is None:
         index = visible_gpu_index()
+        if index is None:  # every GPU hidden from this process
+            return None
     nvml = _nvml()
     if nvml is None:
         return None

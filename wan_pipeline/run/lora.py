@@ -18,6 +18,10 @@ weight's name in ComfyUI's model (:func:`wan_pipeline.run.precision.stochastic_r
 are ComfyUI's bit for bit when the merge runs on the same kind of device; ``rounding="nearest"`` rounds to nearest
 (clamped to +-448). An fp8 bias (fp8_scaled files store them, scale 1) patched by ``diff_b`` is rounded the same way.
 
+A module's ``.diff`` replaces its ``lora_up``/``lora_down`` pair instead of adding to it, as ComfyUI 0.3.64's LoRA
+loader keeps one patch per weight and takes the ``diff`` last (comfy/lora.py ``load_lora``); the pair's keys are
+listed in :attr:`LoraReport.superseded` and the run record says so.
+
 Keys on ``modulation`` (``blocks.N.modulation.diff``, ``head.modulation.diff``, and their ``diff_b``) are accepted
 and not applied: ComfyUI's patcher only patches parameters of leaf modules, and these parameters sit on modules
 with children, so ComfyUI never merges them (:attr:`LoraReport.accepted_unapplied`).
@@ -66,14 +70,21 @@ class LoraReport:
     ignored_keys: list[str] = field(default_factory=list)
     # keys ComfyUI accepts and never applies (parameters of non-leaf modules: blocks.N.modulation, head.modulation)
     accepted_unapplied: list[str] = field(default_factory=list)
+    # lora_up/lora_down/alpha keys of a module that also has a ``.diff``: ComfyUI applies the diff alone
+    superseded: list[str] = field(default_factory=list)
     rounding: str = "comfyui"
 
     def notes(self, lora_name: str) -> list[str]:
-        if not self.accepted_unapplied:
-            return []
-        return [f"{lora_name}: {len(self.accepted_unapplied)} LoRA keys accepted and ignored, as ComfyUI does "
-                f"(it patches only leaf modules' parameters): {', '.join(self.accepted_unapplied[:4])}"
-                f"{' ...' if len(self.accepted_unapplied) > 4 else ''}"]
+        out = []
+        if self.accepted_unapplied:
+            out.append(f"{lora_name}: {len(self.accepted_unapplied)} LoRA keys accepted and ignored, as ComfyUI does "
+                       f"(it patches only leaf modules' parameters): {', '.join(self.accepted_unapplied[:4])}"
+                       f"{' ...' if len(self.accepted_unapplied) > 4 else ''}")
+        if self.superseded:
+            out.append(f"{lora_name}: {len(self.superseded)} lora_up/lora_down keys accepted and ignored, as ComfyUI "
+                       f"does (the same module's .diff replaces them): {', '.join(self.superseded[:4])}"
+                       f"{' ...' if len(self.superseded) > 4 else ''}")
+        return out
 
 
 def lora_key_map(model_keys) -> dict[str, str]:
@@ -112,8 +123,9 @@ def lora_deltas(
     model_shapes: dict[str, torch.Size],
     strength: float,
     lora_name: str,
-) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """float32 deltas keyed by model tensor name (original names), and the LoRA keys that matched nothing."""
+) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """float32 deltas keyed by model tensor name (original names), the LoRA keys that matched nothing, and the
+    lora_up/lora_down/alpha keys a ``.diff`` of the same module supersedes (ComfyUI applies only the diff)."""
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     ignored: list[str] = []
     for key, tensor in lora_sd.items():
@@ -125,6 +137,7 @@ def lora_deltas(
         groups.setdefault(module, {})[role] = (key, tensor)
 
     deltas: dict[str, torch.Tensor] = {}
+    superseded: list[str] = []
 
     def add(target: str, delta: torch.Tensor, key: str) -> None:
         if target not in model_shapes:
@@ -139,6 +152,9 @@ def lora_deltas(
 
     for module, parts in groups.items():
         weight_key = key_map[module]
+        if "diff" in parts and ("up" in parts or "down" in parts):
+            superseded += [parts[r][0] for r in ("up", "down", "alpha") if r in parts]
+            parts = {r: v for r, v in parts.items() if r not in ("up", "down", "alpha")}
         if "up" in parts or "down" in parts:
             if "up" not in parts or "down" not in parts:
                 have = next(iter(parts.values()))[0]
@@ -170,7 +186,7 @@ def lora_deltas(
                 add(weight_key[: -len(".weight")] + ".bias", diff_b.float() * float(strength), key)
             else:
                 ignored.append(key)
-    return deltas, ignored
+    return deltas, ignored, superseded
 
 
 def apply_lora(
@@ -195,7 +211,7 @@ def apply_lora(
         raise LoraError(f"{lora_name}: LoRA rounding {rounding!r} is not one of comfyui, nearest")
     key_map = lora_key_map(original_names)
     shapes = {orig: state_dict[key].shape for orig, key in original_names.items()}
-    deltas, ignored = lora_deltas(lora_sd, key_map, shapes, strength, lora_name)
+    deltas, ignored, superseded = lora_deltas(lora_sd, key_map, shapes, strength, lora_name)
     # ComfyUI maps a diff_b on X.modulation to the bias of "X.modul" (the name minus 7 characters): no such tensor
     accepted = []
     for key in list(ignored):
@@ -222,7 +238,8 @@ def apply_lora(
             f"ignores them: {shown}{more}",
             stacklevel=3,
         )
-    report = LoraReport(ignored_keys=sorted(ignored), accepted_unapplied=sorted(set(accepted)), rounding=rounding)
+    report = LoraReport(ignored_keys=sorted(ignored), accepted_unapplied=sorted(set(accepted)),
+                        superseded=sorted(superseded), rounding=rounding)
     for orig, delta in deltas.items():
         key = original_names[orig]
         stored = state_dict[key]
