@@ -354,8 +354,7 @@ from pathlib import Path
 DONE = Path(os.environ["WAN_TEST_FAST_DONE"])
 
 
-def _worker(config):
-    """The worker's index, from its shard file's name (worker-N.shard); None in the controller."""
+def _worker(config):  # the worker's index, from its shard file's name (worker-N.shard); None in the controller
     shard = config.getoption("wan_shard")
     return None if not shard else os.path.basename(shard)[len("worker-"):-len(".shard")]
 
