@@ -253,3 +253,33 @@ def test_generations_are_linked_to_their_stock_reference_by_key_not_by_name():
     assert benchmarks[2]["extra_info"] == {} and benchmarks[3]["extra_info"] == {}
     assert lines[0] == "test_generation[seed-832x1216-49f-sdpa-bf16-compile0]: 4.0x the stock diffusers pipeline (8.00 s)"
     assert add_stock_speedups(benchmarks[:2], refs) == []  # no reference ran: nothing added
+
+
+def test_auto_is_tiny_in_a_test_run_and_every_session_says_what_it_chose(inner):
+    """The README's test command must stay a test run on a GPU box: without --benchmark-only, auto means tiny."""
+    result = inner.runpytest_subprocess(*PLAIN, "--collect-only")
+    result.stdout.fnmatch_lines(["wan-bench: tiny models (auto in a test run; --benchmark-only times synthetic or "
+                                 "real models)", "*test_generation[[]seed-832x1216-49f-sdpa-bf16-compile0[]]*"])
+    result = inner.runpytest_subprocess(*PLAIN, "--collect-only", "--benchmark-only")
+    result.stdout.fnmatch_lines(["wan-bench: tiny models (auto: no GPU is visible and no models folder "
+                                 "(--wan-models / WAN_MODELS_DIR))"])
+    result = inner.runpytest_subprocess(*PLAIN, "--collect-only", "--wan-mode", "tiny")
+    result.stdout.fnmatch_lines(["wan-bench: tiny models (--wan-mode / WAN_MODE)"])
+
+
+def test_a_benchmark_run_with_a_gpu_and_no_models_is_synthetic_and_says_why(monkeypatch, tmp_path):
+    import dataclasses
+
+    import wan_pipeline.run.model_files as model_files
+    from wan_pipeline.suite.cases import mode_and_reason
+    from wan_pipeline.suite.options import WanOptions
+
+    monkeypatch.setattr(model_files, "resolve_mode", lambda requested, models_dir: "synthetic")
+    options = WanOptions(mode="auto", models_dir=None, presets=(), budgets=None, out=Path("out"),
+                         attention=("sdpa",), precision=("auto",), compile=(False,), rounds=5, warmup=1,
+                         workflow=None, benchmark_only=True)
+    assert mode_and_reason(options) == ("synthetic", "auto: a GPU is visible and no models folder "
+                                                     "(--wan-models / WAN_MODELS_DIR)")
+    folder = dataclasses.replace(options, models_dir=str(tmp_path))
+    assert mode_and_reason(folder) == ("synthetic", f"auto: a GPU is visible and no complete model set in {tmp_path}")
+    assert mode_and_reason(dataclasses.replace(options, benchmark_only=False))[0] == "tiny"  # a test run

@@ -200,6 +200,7 @@ class WanOptions:
     lora_rounding: str = "comfyui"
     gpus: str | None = None
     gpus_timeout: float | None = None
+    benchmark_only: bool = False  # pytest-benchmark's --benchmark-only: a benchmark run, not a test run
 
 
 OPTIONS_KEY = pytest.StashKey[WanOptions]()
@@ -216,7 +217,7 @@ def wan_options(config) -> WanOptions:
             rounds=get("benchmark_min_rounds", 5), warmup=get("wan_warmup"), workflow=get("wan_workflow"),
             video=get("wan_video"), sequence_parallel=get("wan_sp"), residency=get("wan_residency"),
             vae_bands=get("wan_vae_bands"), lora_rounding=get("wan_lora_rounding"), gpus=get("wan_gpus"),
-            gpus_timeout=get("wan_gpus_timeout"))
+            gpus_timeout=get("wan_gpus_timeout"), benchmark_only=bool(get("benchmark_only", False)))
     return config.stash[OPTIONS_KEY]
 
 

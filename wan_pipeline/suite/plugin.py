@@ -109,6 +109,14 @@ def _matrix_controller(config, options) -> MatrixController:
 # ---------------------------------------------------------------------------------------------------- collection
 
 
+def pytest_report_header(config):
+    """The model source at the top of every session, with the reason `auto` chose it."""
+    from wan_pipeline.suite.cases import mode_and_reason
+
+    mode, reason = mode_and_reason(options_of(config))
+    return f"wan-bench: {mode} models ({reason})"
+
+
 def pytest_benchmark_update_machine_info(config, machine_info):
     """Every session's JSON carries the GPU and the environment fingerprint, whatever it benchmarked."""
     from wan_pipeline.measure.telemetry import environment_fingerprint, gpu_snapshot
