@@ -17,7 +17,7 @@ PACKAGE = ROOT / "wan_pipeline"
 # Bottom -> top: a module may import from its own layer or from a layer below.
 LAYERS = {"errors": 0, "fsutil": 0, "plan": 1, "measure": 2, "history": 3, "run": 4, "launch": 5, "suite": 6, "cli": 7}
 TOP = 8  # wan_pipeline/__init__.py and __main__.py
-HEAVY = ("torch", "diffusers", "transformers")
+HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 # Layers that never import the model stack, not even inside a function.
 NO_TORCH = {"errors", "fsutil", "plan", "measure", "history"}
 # Layers that import it only inside the functions that run a model (so importing them stays cheap).
@@ -177,7 +177,7 @@ def test_commands_that_need_no_model_never_import_torch(name, tmp_path):
             "    rc = main(json.loads(sys.argv[1]))\n"
             "except SystemExit as exc:\n"
             "    rc = exc.code\n"
-            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)\n"
+            "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules)\n"
             "print('HEAVY=' + json.dumps(heavy))\n"
             "sys.exit(rc or 0)\n")
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=str(tmp_path), capture_output=True,

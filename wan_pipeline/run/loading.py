@@ -16,7 +16,6 @@ Other formats named there (int8, nvfp4, ...) are refused with an error naming th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import re
@@ -24,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights  # parameters on the meta device, buffers (rope tables) built for real
 
 from wan_pipeline.run.lora import LoraError, LoraReport, apply_lora
 from wan_pipeline.run.model_files import (CheckpointError, LoadingError, MissingModelFiles, ModelFiles,
@@ -363,23 +363,6 @@ def load_expert_weights(
                          {d: o for o, d in names.items()}, notes, marker)
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Create module parameters on the meta device while buffers (rope tables) are built for real."""
-    original = torch.nn.Module.register_parameter
-
-    def register(module, name, param):
-        original(module, name, param)
-        if param is not None and param.device.type != "meta":
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = original
-
-
 def _load_into(model: torch.nn.Module, sd: dict, path: Path, *, device, dtype, fp32_modules=(), tied=None,
                aliases=None):
     """Shape-checked ``load_state_dict(assign=True)``; fp8 tensors keep their dtype, the rest go to ``dtype``."""
@@ -414,7 +397,7 @@ def build_transformer(config: dict, *, device="cpu"):
     later), rope buffers on ``device``. from_config drops the ``_``-prefixed keys of a config.json itself."""
     from diffusers import WanTransformer3DModel
 
-    with torch.device(device), _parameters_on_meta():
+    with torch.device(device), init_empty_weights(include_buffers=False):
         return WanTransformer3DModel.from_config(config)
 
 
@@ -470,7 +453,7 @@ def load_vae(path_or_dir, *, device="cpu", dtype=torch.float32):
             raise CheckpointError(f"{path}: tensor conv2.weight gives a latent of {z_dim} channels; only the Wan 2.1 "
                                   "VAE (16 channels) is supported")
         config = {"base_dim": _shape(sd, "encoder.conv_in.weight", path)[0], "z_dim": z_dim}
-    with torch.device(device), _parameters_on_meta():
+    with torch.device(device), init_empty_weights(include_buffers=False):
         model = AutoencoderKLWan.from_config(config)
     return _load_into(model, sd, path, device=device, dtype=dtype)
 
@@ -563,7 +546,7 @@ def load_text_encoder(path_or_dir, *, device="cpu", dtype=torch.bfloat16):
     fp32 = tuple(getattr(UMT5EncoderModel, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else ()
     file_scales = dict(split.scales)
     _finalize(sd, split.scales, compute_dtype=dtype, keep_fp8=False, fp32_modules=fp32)
-    with torch.device(device), _parameters_on_meta():
+    with torch.device(device), init_empty_weights(include_buffers=False):
         model = UMT5EncoderModel(config)
     model = _load_into(model, sd, path, device=device, dtype=dtype, fp32_modules=fp32,
                        tied={"encoder.embed_tokens.weight": "shared.weight", "shared.weight": "encoder.embed_tokens.weight"})
