@@ -285,6 +285,22 @@ def test_the_closing_hint_names_the_sessions_file_or_how_to_keep_one(tmp_path):
         assert f"--from '{tmp_path / 'my run.json'}' --out" in budget_hint(config, 1)[0]
 
 
+def test_a_gpu_matrix_controller_counts_the_workers_cases_without_a_budget(tmp_path):
+    from wan_pipeline.launch.shards import Device, WorkerResult
+    from wan_pipeline.suite.matrix import MatrixController
+
+    log = tmp_path / "worker-0.log"
+    log.write_text("collected 2 items\n" + "=" * 30 + " wan-bench " + "=" * 30 + "\n"
+                   "a: median 1.00 s on NVIDIA H200 (synthetic); no budget for this card and preset, none checked\n"
+                   "b: median 2.00 s, budget 3 s\n"
+                   "c: median 1.50 s on NVIDIA H200 (synthetic); no budget for this card and preset, none checked\n"
+                   + "=" * 30 + " 2 passed " + "=" * 30 + "\n")
+    controller = MatrixController(None, [Device(0)], None, tmp_path)
+    assert controller.unbudgeted() == 0  # no worker ran
+    controller.results = [WorkerResult(0, Device(0), "0", ["a", "b", "c"], log)]
+    assert controller.unbudgeted() == 2
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
@@ -315,9 +331,9 @@ def inner(pytester, monkeypatch):
     return pytester
 
 
-def _session(inner, *args):
+def _session(inner, *args, presets="seed-832x1216-49f"):
     return inner.runpytest_subprocess("-p", "no:cacheprovider", *plugin_args(), "--wan-mode", "tiny",
-                                      "--wan-preset", "seed-832x1216-49f", "--benchmark-min-rounds", "2",
+                                      "--wan-preset", presets, "--benchmark-min-rounds", "2",
                                       "--wan-warmup", "0", "--benchmark-only", "--wan-video", "webp",
                                       "--wan-out", str(inner.path / "out"), *args)
 
@@ -353,11 +369,20 @@ def test_budgets_from_a_cpu_run_are_met_by_a_second_run_and_missed_by_a_slowed_o
     assert tight.returncode == 0, tight.stderr
     [tight_budget] = load_budgets(inner.path / "tight.toml").budgets
     inner.makeconftest(SLOWER.replace("{seconds}", repr(round(tight_budget.seconds + 0.2, 3))))
-    slowed = _session(inner, "--wan-budgets", "tight.toml", "--benchmark-json", "slowed.json")
-    slowed.assert_outcomes(failed=1)
+    slowed = _session(inner, "--wan-budgets", "tight.toml", "--benchmark-json", "slowed.json", "-x",
+                      presets="seed-832x1216-49f,seed-832x1216-49f-cfg3.5")
+    slowed.assert_outcomes(failed=1)  # -x: the second case never runs
     slowed.stdout.fnmatch_lines(["*over the budget*"])
     session = json.loads((inner.path / "slowed.json").read_text())["wan_session"]
-    assert "over the budget" in next(iter(session["failed"].values()))
-    # and a run whose benchmark failed makes no budget
+    assert "over the budget" in session["failed"]["test_generation.py::test_generation[seed-832x1216-49f-sdpa-bf16-"
+                                                  "compile0]"]
+    assert session["not_run"] == ["test_generation.py::test_generation[seed-832x1216-49f-cfg3.5-sdpa-bf16-compile0]"]
+    # and that run makes no budget: it is partial, and its one benchmark failed
     refused = _budgets(inner, "--from", "slowed.json")
-    assert refused.returncode == 2 and "its test failed" in refused.stderr and refused.stdout == ""
+    assert refused.returncode == 2 and "partial: 1 benchmark case(s) collected and never run" in refused.stderr
+    assert refused.stdout == ""
+    json_data = json.loads((inner.path / "slowed.json").read_text())
+    json_data["wan_session"]["not_run"] = []
+    (inner.path / "slowed-complete.json").write_text(json.dumps(json_data))
+    refused = _budgets(inner, "--from", "slowed-complete.json")
+    assert refused.returncode == 2 and "its test failed: call: AssertionError" in refused.stderr, refused.stderr
