@@ -28,7 +28,7 @@ import tomlkit
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.fsutil import atomic_write_bytes
 from wan_pipeline.history.results import run_info
-from wan_pipeline.history.runs import HistoryError, Run, benchmark_key, load_history, load_run
+from wan_pipeline.history.runs import Run, benchmark_key, load_history, load_run
 from wan_pipeline.plan.budgets import Budget, BudgetFileError, Budgets, load_budgets, parse_budgets
 
 DEFAULT_HEADROOM = 0.15
@@ -350,6 +350,6 @@ def write_budgets(path: Path | str, entries: list[BudgetEntry], header: str = ""
     return notes
 
 
-__all__ = ["BudgetEntry", "HistoryError", "MadeBudgets", "MakeBudgetsError", "budget_seconds", "entries_of",
+__all__ = ["BudgetEntry", "MadeBudgets", "MakeBudgetsError", "budget_seconds", "entries_of",
            "literal_pattern", "make_budgets", "merge_entries", "parse_headroom", "render_entries", "run_problem",
            "write_budgets"]
