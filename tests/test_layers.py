@@ -149,6 +149,7 @@ NO_TORCH_COMMANDS = {
     "trend": ["trend", "{storage}"],
     "report": ["report", "{storage}", "--out", "{tmp}/report"],
     "metrics-help": ["metrics", "--help"],
+    "budgets": ["budgets", "--from", str(ROOT / "docs" / "results"), "--out", "{tmp}/budgets.toml"],
 }
 
 
