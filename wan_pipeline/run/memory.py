@@ -132,9 +132,10 @@ def enable_streaming(expert: torch.nn.Module, device: torch.device) -> dict:
     """
     if not is_in_host(expert):
         to_host(expert)
+    stream = device.type == "cuda"  # diffusers streams only to an accelerator; on a CPU the groups just load
     expert.enable_group_offload(onload_device=device, offload_device=torch.device("cpu"),
-                                offload_type="block_level", num_blocks_per_group=1, non_blocking=True,
-                                use_stream=True)
+                                offload_type="block_level", num_blocks_per_group=1, non_blocking=stream,
+                                use_stream=stream)
     blocks = list(getattr(expert, "blocks", []))
     return {"bytes_per_forward": tensor_bytes(expert), "groups": len(blocks) + 1,
             "largest_group_bytes": max((tensor_bytes(b) for b in blocks), default=0)}
