@@ -218,6 +218,7 @@ class Residency:
         self.device = models.device
         self.vae_bands = vae_bands
         self.choice: MemoryChoice | None = None
+        self.moved_bytes = 0  # host->device bytes of whole components brought in by need() (swaps)
         self.sizes = {
             "text_encoder": parameter_bytes(models.text_encoder),
             "vae": parameter_bytes(models.vae),
@@ -267,6 +268,7 @@ class Residency:
         if target.type == "cpu":
             self._offload(name, module)
         else:
+            self.moved_bytes += self.sizes.get(name, 0)
             module.to(target, non_blocking=True)  # from pinned host memory: an asynchronous copy
 
     def _offload(self, name: str, module: torch.nn.Module) -> None:

@@ -72,7 +72,8 @@ class Generation:
     latent: torch.Tensor  # final VAE-space latent (float32, CPU)
     seconds: dict[str, float]
     peak_bytes: dict[str, int]
-    streamed_bytes: dict[str, int] = field(default_factory=dict)  # stage -> bytes streamed host->device
+    # stage -> bytes moved host->device: streamed expert blocks (pass stages), swapped-in experts ("switch")
+    streamed_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_seconds(self) -> float:
@@ -169,8 +170,11 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
     latent = torch.zeros(plan.latent_shape, dtype=torch.float32, device=models.device)
     bar = _progress_bar(plan) if progress else None
     for i, pass_plan in enumerate(plan.passes, 1):
+        swapped = residency.moved_bytes
         with timer.stage("switch"):
             residency.need(f"expert:{pass_plan.config.expert}")
+        if residency.moved_bytes > swapped:
+            streamed["switch"] = streamed.get("switch", 0) + residency.moved_bytes - swapped
         model = models.expert_for(pass_plan.config.expert)
         callback = (lambda step, sigma: bar.update(1)) if bar else None
         with timer.stage(f"pass{i}"):  # the denoiser's one-off cast of the image conditioning is the pass's work
