@@ -403,3 +403,33 @@ def test_the_residency_streams_when_only_streaming_fits(monkeypatch):
     residency.need("expert:high")
     assert moves == [("text_encoder", "cpu")]
     assert residency.describe()["budget_bytes"] == 24 * GB
+
+
+@pytest.mark.parametrize("cap, in_host", [(None, False), (80 * GB, False), (24 * GB, True), (16 * GiB, True)])
+def test_experts_are_built_in_host_memory_when_the_budget_cannot_hold_both(monkeypatch, cap, in_host):
+    import wan_pipeline.run.models as models
+
+    monkeypatch.setattr(models, "device_budget", lambda device, c: 141 * GB if c is None else c)  # an H200
+    config = get_preset("seed-832x1216-49f").replace(precision="fp8-scaled-mm-fast", memory_cap=cap)
+    key = ModelSetKey.for_run(config, "synthetic", None)
+    assert models.experts_in_host(key, torch.device("cuda"), config) is in_host
+    assert models.experts_in_host(key, torch.device("cpu"), config) is False  # tiny and CPU runs: no host build
+
+
+def test_swapped_experts_count_their_bytes(monkeypatch):
+    import wan_pipeline.run.models as models
+
+    class Fake:
+        device = torch.device("cuda")
+        experts = {"high": torch.nn.Linear(4, 4), "low": torch.nn.Linear(4, 4)}
+        text_encoder, vae = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        key = ModelSetKey.for_run(get_preset("seed-832x1216-49f"), "synthetic", None)
+        host_copies: dict = {}
+        streaming = None
+
+    residency = models.Residency(Fake(), 0, total_bytes=10**12, policy="offload-idle-expert")
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)  # stands for the copy to the GPU
+    monkeypatch.setattr(type(next(Fake.experts["high"].parameters())), "device",
+                        property(lambda self: torch.device("cpu")), raising=False)
+    residency.need("expert:high")
+    assert residency.moved_bytes == residency.sizes["expert:high"] == (16 + 4) * 4
