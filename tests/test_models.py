@@ -75,7 +75,7 @@ def test_residency_refuses_a_card_too_small_for_one_expert(monkeypatch):
     import wan_pipeline.run.models as models
 
     monkeypatch.setattr(models, "parameter_bytes", lambda m: m if isinstance(m, int) else 0)
-    with pytest.raises(WanBenchError, match="do not fit"):
+    with pytest.raises(WanBenchError, match="model set does not fit 24.00 GB .* needs at least 36.85 GB"):
         Residency(FakeSet(int(28.6 * GB), int(11.4 * GB)), reserve_bytes=int(8 * GB), total_bytes=int(24 * GB))
 
 
@@ -218,7 +218,8 @@ def test_a_chosen_residency_is_kept_when_it_fits_and_refused_with_the_numbers_wh
     fake = FakeSet(int(14.3 * GB), int(11.4 * GB))
     chosen = Residency(fake, reserve_bytes=int(8 * GB), total_bytes=int(85.5 * GB), policy="offload-text-encoder")
     assert chosen.policy == "offload-text-encoder"  # auto would keep everything resident on this card
-    with pytest.raises(WanBenchError, match="residency 'resident' does not fit this card \\(48.0 GB\\) with 17.0 GB"):
+    with pytest.raises(WanBenchError, match="does not fit 48.00 GB .* with residency 'resident': it needs at least "
+                                            "57.25 GB .*try residency auto"):
         Residency(fake, reserve_bytes=int(17 * GB), total_bytes=int(48 * GB), policy="resident")
 
 

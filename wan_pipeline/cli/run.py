@@ -32,6 +32,18 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
                    help="what stays on the GPU (default auto: everything that fits)")
     p.add_argument("--vae-bands", type=int, metavar="N",
                    help="VAE in N bands of rows one after another, as ComfyUI's tiled VAE nodes (default 1)")
+    p.add_argument("--memory-cap", type=_memory_size, metavar="SIZE", default=os.environ.get("WAN_MEMORY_CAP") or None,
+                   help="plan for (and, in run, cap the CUDA allocator at) SIZE, emulating a smaller card's memory: "
+                        "24GB = 24 x 10^9 bytes, 16GiB = 16 x 2^30 bytes (default: $WAN_MEMORY_CAP, else the card)")
+
+
+def _memory_size(text: str) -> int:
+    from wan_pipeline.plan.memory import MemoryCapError, parse_memory_size
+
+    try:
+        return parse_memory_size(text)
+    except MemoryCapError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
@@ -64,6 +76,8 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
         overrides["residency"] = args.residency
     if args.vae_bands is not None:
         overrides["vae_bands"] = args.vae_bands
+    if getattr(args, "memory_cap", None) is not None:
+        overrides["memory_cap"] = args.memory_cap
     return [c.replace(**overrides) for c in configs]
 
 
@@ -96,6 +110,29 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def format_memory(plan: Plan) -> str:
+    """What each residency policy needs for this plan (A14B estimates) and, with a cap, the one the run would use
+    and its memory per stage; a cap nothing fits raises MemoryCapError naming the smallest cap."""
+    from wan_pipeline.plan import memory
+
+    cap = plan.config.memory_cap
+    if cap is None:
+        sizes = memory.a14b_component_bytes(fp8=plan.config.precision == "auto" or "fp8" in plan.config.precision)
+        needs = memory.needs_for(sizes, plan.tokens, plan.width, plan.height)(plan.config.vae_bands)
+        lines = ["  memory (A14B estimate; pass --memory-cap SIZE to check a card): "
+                 + ", ".join(f"{k} {memory.format_bytes(v)}" for k, v in needs.items())]
+        return "\n".join(lines)
+    choice = memory.plan_memory(plan, cap)
+    sizes = memory.a14b_component_bytes(fp8=plan.config.precision == "auto" or "fp8" in plan.config.precision)
+    stages = memory.stage_needs(sizes, memory.working_memory(plan.tokens, plan.width, plan.height,
+                                                             vae_bands=choice.vae_bands))[choice.policy]
+    lines = [f"  memory cap {memory.format_bytes(cap)}: fits with residency {choice.policy}, VAE in "
+             f"{choice.vae_bands} band(s); smallest cap for this preset {memory.format_bytes(choice.smallest_cap)}",
+             "    per stage: " + ", ".join(f"{k} {memory.format_bytes(v)}" for k, v in stages.items()),
+             "    every policy: " + ", ".join(f"{k} {memory.format_bytes(v)}" for k, v in choice.needs.items())]
+    return "\n".join(lines)
+
+
 def resolve_mode_for_plan(requested: str, models_dir: str | None) -> str:
     if requested != "auto":
         return requested
@@ -109,9 +146,14 @@ def run_plan(args: argparse.Namespace) -> int:
     plans = [make_plan(c, mode) for c in configs_from_args(args)]
     if args.json:
         out = [p.to_json() for p in plans]
+        if plans and plans[0].config.memory_cap is not None and mode != "tiny":
+            from wan_pipeline.plan.memory import plan_memory
+
+            for js, p in zip(out, plans):
+                js["memory"] = plan_memory(p, p.config.memory_cap).to_json()
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
     else:
-        print("\n\n".join(format_plan(p) for p in plans))
+        print("\n\n".join(format_plan(p) + ("" if mode == "tiny" else "\n" + format_memory(p)) for p in plans))
     return 0
 
 
@@ -133,6 +175,10 @@ def run_run(args: argparse.Namespace) -> int:
 
     configs = configs_from_args(args)
     mode = resolve_mode_for_plan(args.mode, args.models)
+    if args.memory_cap is not None and args.gpus is None:
+        from wan_pipeline.run.memory import apply_memory_cap  # before anything is allocated on the card
+
+        apply_memory_cap(args.memory_cap)
     if args.gpus is not None:
         return run_sequence_parallel_cli(args, configs, mode)
     for config in configs:

@@ -335,7 +335,8 @@ class Comparison:
 
 def compare(baseline: Run | str | Path, current: Run | str | Path, threshold: float = DEFAULT_THRESHOLD,
             force: bool = False, alpha: float = DEFAULT_ALPHA) -> Comparison:
-    """Compare two runs benchmark by benchmark. Raises GpuMismatchError for different GPU models unless `force`."""
+    """Compare two runs benchmark by benchmark. Raises GpuMismatchError for different GPU models or memory caps
+    (capped against uncapped, or two caps) unless `force`."""
     if not 0 <= threshold < 10:
         raise HistoryError(f"threshold {threshold!r} out of range (a fraction, e.g. 0.05 for 5 %)")
     if not 0 < alpha < 0.5:
@@ -346,6 +347,17 @@ def compare(baseline: Run | str | Path, current: Run | str | Path, threshold: fl
     if base.gpu_slug != cur.gpu_slug:
         reason = (f"different GPU models: baseline {base.path} ran on {base.gpu_name or 'no GPU'}, current "
                   f"{cur.path} on {cur.gpu_name or 'no GPU'}; their timings are not comparable")
+        if not force:
+            raise GpuMismatchError(reason + " (use --force to compare anyway)")
+        warnings.append(reason + " (compared anyway: --force)")
+    if base.memory_cap != cur.memory_cap:
+        from wan_pipeline.plan.memory import format_bytes
+
+        def cap(run):
+            return f"a memory cap of {format_bytes(run.memory_cap)}" if run.memory_cap else "no memory cap"
+
+        reason = (f"different memory caps: baseline {base.path} ran with {cap(base)}, current {cur.path} with "
+                  f"{cap(cur)}; a capped run emulates a smaller card and its timings are not comparable")
         if not force:
             raise GpuMismatchError(reason + " (use --force to compare anyway)")
         warnings.append(reason + " (compared anyway: --force)")

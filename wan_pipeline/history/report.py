@@ -212,6 +212,7 @@ def write_report(storage: str | Path, out_dir: str | Path, threshold: float = DE
         first_image = len(images)
         latest = runs[-1]
         md += ["", f"## {runs[-1].gpu_name or 'CPU (no GPU)'} (`{gpu}`): {len(runs)} run(s), latest {latest.label}"]
+        md += memory_cap_lines(latest)
         by_preset: dict[str, list[Series]] = {}
         for s in series:
             if s.gpu == gpu:
@@ -263,6 +264,29 @@ def write_report(storage: str | Path, out_dir: str | Path, threshold: float = DE
             f"<pre>{html.escape(summary)}</pre>{''.join(sections_html)}</body></html>\n")
     written.append(atomic_write_bytes(out / "index.html", page.encode()))
     return written
+
+
+def memory_cap_lines(run) -> list[str]:
+    """A capped run's caveat and, per benchmark, the memory plan it ran under (policy, peak, bytes streamed)."""
+    if run.memory_cap is None:
+        return []
+    from wan_pipeline.plan.memory import format_bytes
+
+    lines = ["", f"Memory cap {format_bytes(run.memory_cap)}: the CUDA allocator was capped to emulate a smaller "
+                 f"card's memory, not its speed (the compute, memory bandwidth and host link are "
+                 f"{run.gpu_name or 'this machine'}'s).", "",
+             "| benchmark | policy | VAE bands | peak (GB) | streamed per generation (GB) | copy bandwidth (GB/s) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, bench in run.benchmarks.items():
+        info = bench.get("extra_info") or {}
+        memory = info.get("memory") or {}
+        peak = (info.get("peak_memory") or {}).get("torch_peak_bytes")
+        streamed = memory.get("streamed_bytes_per_generation")
+        bandwidth = memory.get("host_to_device_bandwidth_bytes_per_s")
+        lines.append(f"| `{name}` | {memory.get('policy', info.get('residency', '-'))} | {memory.get('vae_bands', '-')} "
+                     f"| {_fmt(peak / 1e9 if peak else None)} | {_fmt(streamed / 1e9 if streamed else None)} "
+                     f"| {_fmt(bandwidth / 1e9 if bandwidth else None)} |")
+    return lines
 
 
 def _safe(text: str) -> str:

@@ -76,6 +76,26 @@ class Run:
         return gpu_slug(self.gpu_name)
 
     @property
+    def memory_cap(self) -> int | None:
+        """The allocator cap the run emulated a smaller card with (machine_info, else extra_info); None: uncapped."""
+        cap = self.machine_info.get("wan_memory_cap")
+        if isinstance(cap, dict) and isinstance(cap.get("cap_bytes"), int):
+            return cap["cap_bytes"]
+        for bench in self.data.get("benchmarks", []):
+            value = (bench.get("extra_info") or {}).get("memory_cap_bytes")
+            if isinstance(value, int):
+                return value
+        return None
+
+    @property
+    def history_slug(self) -> str:
+        """The GPU model, and the cap of a capped run: runs with different ones are not comparable."""
+        from wan_pipeline.plan.memory import cap_label
+
+        cap = self.memory_cap
+        return self.gpu_slug if cap is None else f"{self.gpu_slug}-cap{cap_label(cap)}"
+
+    @property
     def env(self) -> dict:
         """The environment fingerprint: machine_info['wan_env'], else the first benchmark's extra_info['env']."""
         env = self.machine_info.get("wan_env")
@@ -161,7 +181,7 @@ class History:
     def by_gpu(self) -> dict[str, list[Run]]:
         groups: dict[str, list[Run]] = {}
         for run in self.runs:
-            groups.setdefault(run.gpu_slug, []).append(run)
+            groups.setdefault(run.history_slug, []).append(run)
         return groups
 
 
@@ -207,7 +227,7 @@ def pick_runs(baseline: str | Path | None, current: str | Path | None) -> tuple[
         run = load_run(path)
         hist = load_history(path.parent)
         earlier = [r for r in hist.runs if r.sort_key() < run.sort_key() and r.path != path]
-        same = [r for r in earlier if r.gpu_slug == run.gpu_slug]
+        same = [r for r in earlier if r.history_slug == run.history_slug]
         if not same:
             raise HistoryError(f"{path}: no earlier run on {run.gpu_name or 'this CPU machine'} in {path.parent} "
                                "to compare with")
@@ -216,7 +236,7 @@ def pick_runs(baseline: str | Path | None, current: str | Path | None) -> tuple[
     if not hist.runs:
         raise HistoryError(f"{path}: no usable benchmark file{_skipped_hint(hist.skipped)}")
     current_run = hist.runs[-1]
-    same = [r for r in hist.runs[:-1] if r.gpu_slug == current_run.gpu_slug]
+    same = [r for r in hist.runs[:-1] if r.history_slug == current_run.history_slug]
     if not same:
         raise HistoryError(f"{path}: only one run on {current_run.gpu_name or 'this CPU machine'} "
                            f"({current_run.path.name}); need two to compare")

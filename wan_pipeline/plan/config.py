@@ -40,7 +40,7 @@ def ordered_stages(*stage_dicts: dict) -> list[str]:
     return [s for s in STAGES if s in present] + sorted(present - set(STAGES))
 
 
-RESIDENCIES = ("auto", "resident", "offload-text-encoder", "offload-idle-expert")
+RESIDENCIES = ("auto", "resident", "offload-text-encoder", "offload-idle-expert", "stream-expert")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "sage", "flash-attn",
                       "cudnn-fp8", "fa3", "fa3-fp8")
 
@@ -137,6 +137,7 @@ class RunConfig:
     residency: str = "auto"  # what stays on the GPU (models.Residency); auto: everything that fits
     vae_bands: int = 1  # VAE in N bands of rows one after another (ComfyUI's tiled VAE nodes); 1: whole frame
     lora_rounding: str = "comfyui"  # LoRA into fp8 weights: ComfyUI's stochastic rounding, or "nearest"
+    memory_cap: int | None = None  # bytes the CUDA allocator may use (a small card emulated); None: the whole card
 
     def replace(self, **changes) -> "RunConfig":
         return dataclasses.replace(self, **changes)
@@ -159,6 +160,8 @@ class RunConfig:
             value = getattr(self, field_name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{self.name}: {field_name} must be a positive integer, got {value!r}")
+        if self.memory_cap is not None and (not isinstance(self.memory_cap, int) or self.memory_cap < 1):
+            raise ConfigError(f"{self.name}: memory_cap must be a positive number of bytes, got {self.memory_cap!r}")
         if self.width < 16 or self.height < 16:
             raise ConfigError(f"{self.name}: width and height must be at least 16, got {self.width}x{self.height}")
         if self.sequence_parallel > 1 and self.vae_bands not in (1, self.sequence_parallel):
@@ -253,6 +256,7 @@ class ModelSetKey:
     compile: bool
     sequence_parallel: int = 1  # experts with context parallelism enabled cannot go back: part of the weights
     lora_rounding: str = "comfyui"  # how LoRAs were merged into fp8 weights: part of the weights
+    memory_cap: int | None = None  # a capped run builds or loads what does not fit in host memory
 
     @classmethod
     def for_run(cls, config: RunConfig, mode: str, models_dir: str | None) -> "ModelSetKey":
@@ -274,6 +278,7 @@ class ModelSetKey:
             compile=config.compile,
             sequence_parallel=config.sequence_parallel,
             lora_rounding=config.lora_rounding,
+            memory_cap=config.memory_cap,
         )
 
     def weights(self) -> "ModelSetKey":

@@ -174,6 +174,8 @@ class CaseRun:
             },
             "load_seconds": load_seconds,
             "residency": prepared.residency.policy,
+            "memory_cap_bytes": plan.config.memory_cap,
+            "memory": self.memory_info(stages),
             "gpu": {"before": self.gpu_before, "after": self.gpu_after, "throttle_reasons": throttled}
             if device.type == "cuda" else None,
             "throttled": bool(throttled),
@@ -184,6 +186,26 @@ class CaseRun:
             "video": video,
             "notes": prepared.notes,
         }
+
+    def memory_info(self, stages: dict[str, float]) -> dict:
+        """The memory plan the case ran under and what moved host->device per stage: streamed expert blocks per
+        pass (counted from the group sizes times the forwards) and swapped-in experts in `switch` (their sizes);
+        `effective` bandwidth those bytes over the stage's wall time, `copy_seconds` the bytes over the bandwidth
+        of one synchronised pinned block copy (the time the copies take, hidden behind compute or not)."""
+        residency = self.prepared.residency
+        info = {"cap_bytes": self.plan.config.memory_cap, **residency.describe()}
+        info.pop("bytes", None)
+        streamed = self.rounds[-1].streamed_bytes if self.rounds else {}
+        copy_bw = info.get("host_to_device_bandwidth_bytes_per_s")
+        if streamed:
+            info["host_to_device"] = {
+                stage: {"bytes": moved,
+                        "effective_bytes_per_s": moved / stages[stage] if stages.get(stage) else None,
+                        "copy_seconds": moved / copy_bw if copy_bw else None}
+                for stage, moved in streamed.items()}
+            info["streamed_bytes_per_generation"] = sum(v for k, v in streamed.items() if k != "switch")
+            info["swapped_bytes_per_generation"] = streamed.get("switch", 0)
+        return info
 
     def record(self, info: dict) -> dict:
         """The JSON result record written next to the case's video: configuration, plan and extra_info."""

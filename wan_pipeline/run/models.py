@@ -16,6 +16,10 @@ import torch
 
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.plan.config import FP8_PRECISIONS, FP16_PRECISIONS, ModelSetKey, RunConfig
+from wan_pipeline.plan.memory import (ComponentBytes, MemoryChoice, Working, choose_memory, policy_needs,
+                                      working_memory_bytes)
+from wan_pipeline.run.memory import (built_in_host, component_bytes, copy_bandwidth, device_budget,
+                                     enable_streaming, pinned_copy, to_host)
 
 # WanTransformer3DModel configuration of the A14B i2v experts (the Wan 2.2 I2V-A14B config).
 A14B_TRANSFORMER = dict(
@@ -117,11 +121,18 @@ def keep_fp32_modules(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def random_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
+def random_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int,
+                       in_host: bool = False) -> torch.nn.Module:
+    """A seeded random expert. `in_host`: the same values (drawn on `device`, in the same order), each submodule
+    moved to pinned host memory as soon as it is built (run.memory.built_in_host): an expert that does not fit the
+    device beside its working memory never has to."""
     from diffusers import WanTransformer3DModel
 
-    model = build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed)
-    return keep_fp32_modules(model)
+    if not in_host:
+        return keep_fp32_modules(build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed))
+    with built_in_host():
+        model = build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed)
+    return to_host(keep_fp32_modules(to_host(model, pin=False)), pin=False)
 
 
 def random_vae(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:
@@ -172,6 +183,8 @@ class ModelSet:
     # offloaded component -> its host copy by tensor name: made at the first offload (an untimed warm-up), kept
     # for every later case on this set, since the weights never change
     host_copies: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    streaming: dict[str, dict] | None = None  # expert -> what a forward streams (Residency.start installs it)
+    host_to_device_bandwidth: float | None = None  # bytes/s of one pinned block copy, measured at that install
 
     @property
     def device_name(self) -> str | None:
@@ -188,15 +201,24 @@ def parameter_bytes(module: torch.nn.Module) -> int:
 
 
 class Residency:
-    """Keeps the components on the GPU while they fit; otherwise moves idle ones to CPU memory (as ComfyUI does).
+    """Keeps the components on the GPU while they fit the memory budget (the cap, else the card); otherwise moves
+    idle ones to pinned host memory (as ComfyUI does) or streams the experts from there.
 
-    `policy` is decided once per model set: "resident" (everything stays), "offload-text-encoder" (the encoder
-    leaves after encoding), or "offload-idle-expert" (one expert at a time; the swap is its own timed stage).
+    `policy` is decided once per model set and plan (plan.memory.choose_memory, the fastest that fits; with
+    `auto_bands` the VAE bands may rise to let a faster one fit): "resident"
+    (everything stays), "offload-text-encoder" (the encoder leaves after encoding), "offload-idle-expert" (one
+    expert at a time; the swap is its own timed stage) or "stream-expert" (the experts stay in host memory and run
+    block by block through diffusers' group offloading). `reserve_bytes`: the working memory (plan.memory.Working,
+    one figure for every stage, or a function of the VAE bands giving a Working).
     """
 
-    def __init__(self, models: ModelSet, reserve_bytes: int, total_bytes: int | None = None, policy: str = "auto"):
+    def __init__(self, models: ModelSet, reserve_bytes, total_bytes: int | None = None,
+                 policy: str = "auto", vae_bands: int = 1, auto_bands: bool = False):
         self.models = models
         self.device = models.device
+        self.vae_bands = vae_bands
+        self.choice: MemoryChoice | None = None
+        self.moved_bytes = 0  # host->device bytes of whole components brought in by need() (swaps)
         self.sizes = {
             "text_encoder": parameter_bytes(models.text_encoder),
             "vae": parameter_bytes(models.vae),
@@ -205,30 +227,30 @@ class Residency:
         if self.device.type != "cuda":
             self.policy = "resident"
             return
-        total = total_bytes if total_bytes is not None else torch.cuda.get_device_properties(self.device).total_memory
-        experts = sum(v for k, v in self.sizes.items() if k.startswith("expert:"))
-        largest_expert = max(v for k, v in self.sizes.items() if k.startswith("expert:"))
-        fits = {
-            "resident": sum(self.sizes.values()) + reserve_bytes <= total,
-            "offload-text-encoder": experts + self.sizes["vae"] + reserve_bytes <= total,
-            "offload-idle-expert": largest_expert + self.sizes["vae"] + reserve_bytes <= total,
-        }
-        if policy != "auto":
-            if not fits[policy]:
-                raise WanBenchError(f"residency {policy!r} does not fit this card ({total / 1e9:.1f} GB) with "
-                                    f"{reserve_bytes / 1e9:.1f} GB working memory; try auto")
-            self.policy = policy
-        elif fits["resident"]:
-            self.policy = "resident"
-        elif fits["offload-text-encoder"]:
-            self.policy = "offload-text-encoder"
-        elif fits["offload-idle-expert"]:
-            self.policy = "offload-idle-expert"
+        if total_bytes is None:
+            total_bytes = device_budget(self.device, getattr(models.key, "memory_cap", None))
+        if callable(reserve_bytes):  # VAE bands -> Working
+            working_at = reserve_bytes
         else:
-            raise WanBenchError(
-                f"{models.key.mode} models do not fit: one expert ({largest_expert / 1e9:.1f} GB) + VAE + "
-                f"{reserve_bytes / 1e9:.1f} GB working memory exceed the card's {total / 1e9:.1f} GB"
-            )
+            fixed = reserve_bytes if isinstance(reserve_bytes, Working) else Working(reserve_bytes, reserve_bytes)
+            working_at = lambda bands: fixed  # noqa: E731
+        sizes = self.component_bytes()
+        needs_at = lambda bands: policy_needs(sizes, working_at(bands))  # noqa: E731
+        if getattr(models, "streaming", None) and policy == "auto":
+            policy = "stream-expert"  # group offloading hooks stay on the model set once installed
+        what = f"the {models.key.mode} model set"
+        self.choice = choose_memory(needs_at, total_bytes, policy=policy, vae_bands=vae_bands,
+                                    auto_bands=auto_bands, what=what)
+        self.policy, self.vae_bands = self.choice.policy, self.choice.vae_bands
+
+    def component_bytes(self) -> ComponentBytes:
+        experts = self.models.experts
+        if all(isinstance(m, torch.nn.Module) for m in experts.values()):
+            measured = component_bytes(experts, self.models.text_encoder, self.models.vae)
+            return dataclasses.replace(measured, experts=tuple(self.sizes[f"expert:{k}"] for k in experts),
+                                       text_encoder=self.sizes["text_encoder"], vae=self.sizes["vae"])
+        sizes = tuple(self.sizes[f"expert:{k}"] for k in experts)
+        return ComponentBytes(sizes, self.sizes["text_encoder"], self.sizes["vae"], 0, max(sizes))
 
     def _module(self, name: str) -> torch.nn.Module:
         if name == "text_encoder":
@@ -246,6 +268,7 @@ class Residency:
         if target.type == "cpu":
             self._offload(name, module)
         else:
+            self.moved_bytes += self.sizes.get(name, 0)
             module.to(target, non_blocking=True)  # from pinned host memory: an asynchronous copy
 
     def _offload(self, name: str, module: torch.nn.Module) -> None:
@@ -257,9 +280,26 @@ class Residency:
         for key, tensor in _tensors(module):
             tensor.data = host[key]
 
+    def start(self) -> None:
+        """Put the model set in the shape the policy runs it in: streamed experts get their offloading hooks (once
+        per model set), experts kept in host memory by the others wait there until a pass needs them."""
+        if self.device.type != "cuda":
+            return
+        if self.policy == "stream-expert":
+            if not getattr(self.models, "streaming", None):
+                self.models.streaming = {name: enable_streaming(expert, self.device)
+                                         for name, expert in self.models.experts.items()}
+                first = next(iter(self.models.experts.values()))
+                blocks = getattr(first, "blocks", None)
+                self.models.host_to_device_bandwidth = copy_bandwidth(blocks[0], self.device) if blocks else None
+        elif getattr(self.models, "streaming", None):
+            raise WanBenchError("this model set streams its experts (group offloading installed); residency "
+                                f"{self.policy!r} needs a fresh model set")
+
     def need(self, name: str) -> None:
         """Make `name` resident on the device, evicting what the policy says must leave: the text encoder for
-        anything else, and (one expert at a time) the other experts for an expert or the text encoder."""
+        anything else, and (one expert at a time) the other experts for an expert or the text encoder. Streamed
+        experts are brought in block by block by their hooks, never whole."""
         if self.device.type != "cuda":
             return
         if self.policy != "resident" and name != "text_encoder":
@@ -268,6 +308,8 @@ class Residency:
             for other in self.sizes:
                 if other.startswith("expert:") and other != name:
                     self._place(other, "cpu")
+        if self.policy == "stream-expert" and name.startswith("expert:"):
+            return
         self._place(name, self.device)
 
     def place_all(self) -> None:
@@ -279,16 +321,27 @@ class Residency:
         if self.device.type == "cuda" and self.policy != "resident" and name == "text_encoder":
             self._place(name, "cpu")
 
+    def streamed_bytes(self, expert: str, forwards: int) -> int:
+        """Bytes one pass of `forwards` forwards moves host->device: every group of the expert once per forward."""
+        info = (getattr(self.models, "streaming", None) or {}).get(expert)
+        return info["bytes_per_forward"] * forwards if info and self.policy == "stream-expert" else 0
+
     def describe(self) -> dict:
-        return {"policy": self.policy, "bytes": dict(self.sizes)}
+        out = {"policy": self.policy, "bytes": dict(self.sizes), "vae_bands": self.vae_bands}
+        if self.choice is not None:
+            out["budget_bytes"] = self.choice.budget
+            out["needs_bytes"] = dict(self.choice.needs)
+            out["smallest_cap_bytes"] = self.choice.smallest_cap
+        if self.policy == "stream-expert" and getattr(self.models, "streaming", None):
+            out["streaming"] = {k: dict(v) for k, v in self.models.streaming.items()}
+            out["host_to_device_bandwidth_bytes_per_s"] = getattr(self.models, "host_to_device_bandwidth", None)
+        return out
 
 
 def _host_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """One copy into page-locked host memory (a plain host copy when none can be pinned)."""
-    try:
-        return torch.empty_like(tensor, device="cpu", pin_memory=True).copy_(tensor.detach())
-    except RuntimeError:  # no page-locked memory to spare, or no CUDA to pin with
-        return tensor.detach().to("cpu", copy=True)
+    """A copy in (pinned, where it can be) host memory, never the tensor itself."""
+    copy = pinned_copy(tensor)
+    return copy if copy is not tensor else tensor.detach().clone()
 
 
 def _tensors(module: torch.nn.Module):
@@ -297,15 +350,24 @@ def _tensors(module: torch.nn.Module):
 
 
 def working_memory_estimate(tokens: int, width: int, height: int, inner_dim: int = 5120, vae_bands: int = 1) -> int:
-    """Bytes a run needs beyond the weights: the larger of a transformer forward's activations and the VAE.
+    """Bytes a run needs beyond the weights (plan.memory.working_memory_bytes)."""
+    return working_memory_bytes(tokens, width, height, inner_dim, vae_bands)
 
-    VAE encode/decode of 49 x 1216 x 832 in bf16 is taken as 12 GiB (a round figure above what the allocator showed
-    for the decode stage on an 80 GB card, so the estimate errs high) and scales with the frame area; a block's activations are about a dozen bf16 copies of the hidden states.
-    3 GiB margin for the allocator and the text encoder's activations.
-    """
-    vae = int(12 * 2**30 * (width * height) / (832 * 1216) / vae_bands)
-    transformer = tokens * inner_dim * 2 * 12
-    return max(vae, transformer) + 3 * 2**30
+
+def experts_in_host(key: ModelSetKey, device: torch.device, config: RunConfig | None) -> bool:
+    """Whether the experts are built or loaded in pinned host memory: when the policy the memory budget allows for
+    this plan (estimated A14B sizes) does not keep both experts on the device at once."""
+    if device.type != "cuda" or config is None or key.mode == "tiny":
+        return False
+    from wan_pipeline.plan.memory import plan_memory
+    from wan_pipeline.plan.plan import make_plan
+
+    budget = device_budget(device, key.memory_cap)
+    try:
+        choice = plan_memory(make_plan(config, key.mode), budget)
+    except WanBenchError:
+        return True  # nothing fits by the estimate: the host is the only place; configure() says why it fails
+    return choice.policy in ("offload-idle-expert", "stream-expert")
 
 
 def load_model_set(key: ModelSetKey, *, device: torch.device | None = None, seed: int = 0,
@@ -320,15 +382,22 @@ def load_model_set(key: ModelSetKey, *, device: torch.device | None = None, seed
     if key.mode == "synthetic" and device.type != "cuda":
         raise WanBenchError("synthetic mode builds the full A14B experts on a GPU; on a CPU use --mode tiny")
     dtype = compute_dtype(key.precision, device)
+    in_host = experts_in_host(key, device, config)
     start = time.perf_counter()
     if key.mode == "real":
-        models = _load_real(key, device, dtype, models_dir or key.models_dir, config)
+        models = _load_real(key, device, dtype, models_dir or key.models_dir, config, in_host)
     else:
-        models = _build_random(key, device, dtype, seed)
+        models = _build_random(key, device, dtype, seed, in_host)
     from wan_pipeline.run.precision import apply_precision
 
     for name, expert in models.experts.items():
-        models.notes += apply_precision(expert, key.precision, dtype, run_on=device)
+        staged = device if in_host and device.type == "cuda" else None
+        models.notes += apply_precision(expert, key.precision, dtype, run_on=device, stage_on=staged)
+        if in_host:  # the host tensors are the model set's host copy: offloading them again moves no data
+            models.host_copies[f"expert:{name}"] = dict(_tensors(to_host(expert, pin=device.type == "cuda")))
+    if in_host:
+        models.notes.append("experts kept in pinned host memory (they do not fit the memory budget beside their "
+                            "working memory); the residency policy brings them in")
     if key.mode != "real" and key.precision in FP8_PRECISIONS:
         from wan_pipeline.run.precision import store_text_encoder_fp8
 
@@ -339,13 +408,14 @@ def load_model_set(key: ModelSetKey, *, device: torch.device | None = None, seed
     return models
 
 
-def _build_random(key: ModelSetKey, device: torch.device, dtype: torch.dtype, seed: int) -> ModelSet:
+def _build_random(key: ModelSetKey, device: torch.device, dtype: torch.dtype, seed: int,
+                  in_host: bool = False) -> ModelSet:
     tiny = key.mode == "tiny"
     transformer_cfg = TINY_TRANSFORMER if tiny else A14B_TRANSFORMER
     te_cfg = TINY_UMT5 if tiny else UMT5_XXL
     experts = {}
     for i, (expert, *_rest) in enumerate(key.experts):
-        experts[expert] = random_transformer(transformer_cfg, device, dtype, seed + 1 + i)
+        experts[expert] = random_transformer(transformer_cfg, device, dtype, seed + 1 + i, in_host=in_host)
     text_encoder = random_text_encoder(te_cfg, device, dtype, seed + 101)
     vae = random_vae(TINY_VAE if tiny else WAN21_VAE, device, dtype, seed + 201)
     what = "a few-layer configuration of the A14B classes" if tiny else "the full A14B architecture"
@@ -363,7 +433,7 @@ def _build_random(key: ModelSetKey, device: torch.device, dtype: torch.dtype, se
 
 
 def _load_real(key: ModelSetKey, device: torch.device, dtype: torch.dtype, models_dir: str | None,
-               config: RunConfig | None) -> ModelSet:
+               config: RunConfig | None, in_host: bool = False) -> ModelSet:
     from wan_pipeline.run import loading
 
     if not models_dir:
@@ -372,9 +442,9 @@ def _load_real(key: ModelSetKey, device: torch.device, dtype: torch.dtype, model
         raise WanBenchError("real mode needs the run configuration to know which files to load")
     files = loading.find_model_files(models_dir, config)
     keep_fp8 = key.precision in FP8_PRECISIONS
-    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
-    park = expert_load_device(device, total, [files.experts[e[0]].model.stat().st_size for e in key.experts],
-                              keep_fp8)
+    park = torch.device("cpu") if in_host else expert_load_device(
+        device, device_budget(device, key.memory_cap), [files.experts[e[0]].model.stat().st_size
+                                                        for e in key.experts], keep_fp8)
     experts = {}
     expert_notes: list[str] = []
     for expert, _model_file, _lora, _strength in key.experts:

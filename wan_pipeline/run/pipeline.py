@@ -20,7 +20,8 @@ from wan_pipeline.fsutil import atomic_write_json
 from wan_pipeline.plan.config import ModelSetKey, RunConfig, config_to_dict
 from wan_pipeline.plan.plan import Plan, make_plan, uses_cfg
 from wan_pipeline.run import attention, conditioning, vae_kernels
-from wan_pipeline.run.models import ModelSet, Residency, load_model_set, resolve_run_precision, working_memory_estimate
+from wan_pipeline.plan.memory import working_memory
+from wan_pipeline.run.models import ModelSet, Residency, load_model_set, resolve_run_precision
 from wan_pipeline.run.sampler import flow_denoiser, run_pass
 
 
@@ -71,6 +72,8 @@ class Generation:
     latent: torch.Tensor  # final VAE-space latent (float32, CPU)
     seconds: dict[str, float]
     peak_bytes: dict[str, int]
+    # stage -> bytes moved host->device: streamed expert blocks (pass stages), swapped-in experts ("switch")
+    streamed_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_seconds(self) -> float:
@@ -92,6 +95,13 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
     for expert in models.experts.values():
         attention.install(expert, kernel)
     notes = list(models.notes)
+    config = plan.config
+    inner = heads * head_dim
+    capped_auto = config.residency == "auto" and config.memory_cap is not None and config.sequence_parallel == 1
+    residency = Residency(models, lambda bands: working_memory(plan.tokens, plan.width, plan.height, inner, bands),
+                          policy=config.residency, vae_bands=config.vae_bands, auto_bands=capped_auto)
+    if residency.choice is not None:
+        notes.append(memory_note(residency))
     vae_bands = None
     if plan.config.sequence_parallel > 1:
         from wan_pipeline.run.parallel import enable_sequence_parallel
@@ -103,10 +113,10 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
                      f"{vae_bands.parts} bands of rows, one per rank (halo {vae_bands.halo} latent rows); attention "
                      f"runs diffusers' context-parallel backend {cp_backend(plan.config.attention)!r} on each rank's "
                      f"share: the kernel recorded was profiled on one GPU at the full sequence")
-    elif plan.config.vae_bands > 1:
+    elif residency.vae_bands > 1:
         from wan_pipeline.run.vae_split import VaeBands
 
-        vae_bands = VaeBands(plan.config.vae_bands)
+        vae_bands = VaeBands(residency.vae_bands)
         notes.append(f"VAE in {vae_bands.parts} bands of rows one after another (halo {vae_bands.halo} latent rows), "
                      f"as ComfyUI's tiled VAE nodes: less memory, frames close to the whole-frame VAE's")
     compile_enabled = models.key.compile
@@ -116,11 +126,19 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
         models._compiled = True
     if models.device.type == "cuda":  # measured faster on an H100; on a CPU the stock modules are faster
         notes += vae_kernels.apply(models.vae, channels_last=True, fuse_norms=compile_enabled)
-    inner = heads * head_dim
-    working = working_memory_estimate(plan.tokens, plan.width, plan.height, inner, vae_bands.parts if vae_bands else 1)
-    residency = Residency(models, working, policy=plan.config.residency)
+    residency.start()
     image = conditioning.start_image(plan.config.image, plan.width, plan.height)
     return Prepared(models, choice, residency, compile_enabled, image, notes, vae_bands)
+
+
+def memory_note(residency: Residency) -> str:
+    from wan_pipeline.plan.memory import format_bytes
+
+    choice = residency.choice
+    capped = getattr(residency.models.key, "memory_cap", None) is not None
+    return (f"memory: residency {choice.policy}, VAE in {choice.vae_bands} band(s), planned for "
+            f"{format_bytes(choice.budget)} ({'the memory cap' if capped else 'the card'}); needs by policy "
+            + ", ".join(f"{k} {v / 1e9:.1f} GB" for k, v in choice.needs.items()))
 
 
 def prepare(config: RunConfig, mode: str, models_dir: str | None = None, seed: int = 0) -> tuple[Plan, Prepared]:
@@ -148,16 +166,23 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
         image01 = conditioning.upscale_center(prepared.image, plan.width, plan.height)
         concat = conditioning.image_conditioning(models, image01, plan, prepared.vae_bands)
 
+    streamed: dict[str, int] = {}
     latent = torch.zeros(plan.latent_shape, dtype=torch.float32, device=models.device)
     bar = _progress_bar(plan) if progress else None
     for i, pass_plan in enumerate(plan.passes, 1):
+        swapped = residency.moved_bytes
         with timer.stage("switch"):
             residency.need(f"expert:{pass_plan.config.expert}")
+        if residency.moved_bytes > swapped:
+            streamed["switch"] = streamed.get("switch", 0) + residency.moved_bytes - swapped
         model = models.expert_for(pass_plan.config.expert)
         callback = (lambda step, sigma: bar.update(1)) if bar else None
         with timer.stage(f"pass{i}"):  # the denoiser's one-off cast of the image conditioning is the pass's work
             denoise = flow_denoiser(_call(model), concat, positive, negative, pass_plan.config.cfg, models.dtype)
             latent = run_pass(denoise, latent, pass_plan, config.seed, callback)
+        moved = residency.streamed_bytes(pass_plan.config.expert, pass_plan.forwards)
+        if moved:
+            streamed[f"pass{i}"] = moved
     if bar:
         bar.close()
 
@@ -165,7 +190,7 @@ def generate(prepared: Prepared, plan: Plan, progress: bool = False) -> Generati
         residency.need("vae")
         frames = conditioning.decode(models, latent, prepared.vae_bands)
 
-    return Generation(frames, latent.cpu(), dict(timer.seconds), dict(timer.peak_bytes))
+    return Generation(frames, latent.cpu(), dict(timer.seconds), dict(timer.peak_bytes), streamed)
 
 
 def _call(model):

@@ -195,12 +195,14 @@ def _swap_for_fp8(root: nn.Module, name: str, dtype: torch.dtype, matmul: bool, 
 
 
 def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
-                    run_on: torch.device | None = None) -> list[str]:
+                    run_on: torch.device | None = None, stage_on: torch.device | None = None) -> list[str]:
     """Swap the transformer blocks' Linear layers for Fp8Linear when an fp8 mode is asked for.
 
     A weight already stored in fp8 (a real fp8_scaled file) keeps its file scale; others are quantized per tensor.
-    `run_on` is the device the model will run on (it may be parked in CPU memory now). Returns notes for the
-    result record.
+    `run_on` is the device the model will run on (it may be parked in CPU memory now). `stage_on`: a model kept in
+    host memory is quantized there one block at a time (the block comes to that device, is swapped, goes back to
+    pinned host memory), so the values are those of an on-device quantization and the device holds one block.
+    Returns notes for the result record.
     """
     if precision not in FP8_PRECISIONS:
         return []
@@ -214,9 +216,15 @@ def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
         raise WanBenchError(f"precision {precision}: {type(transformer).__name__} has no transformer blocks")
     swapped = 0
     for block in blocks:
+        if stage_on is not None:
+            block.to(stage_on)
         for name in [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]:
             _swap_for_fp8(block, name, dtype, matmul, fast_accum)
             swapped += 1
+        if stage_on is not None:
+            from wan_pipeline.run.memory import to_host
+
+            to_host(block)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     kind = "fp8 storage upcast per layer"

@@ -40,22 +40,46 @@ def resolved_mode(options: WanOptions) -> str:
 
 
 def default_presets(mode: str) -> tuple[str, ...]:
-    """The matrix that fits the hardware: every preset whose working set fits the card (all of them on a CPU)."""
+    """The default matrix. A preset the card (or the memory cap) cannot hold under any residency policy is still
+    collected, and skipped with the memory it would need (memory_skips)."""
+    return DEFAULT_MATRIX
+
+
+def memory_budget(options: WanOptions, mode: str) -> int | None:
+    """What the matrix plans for: the cap, else the card's memory; None for tiny runs (a CPU) or no card."""
     if mode == "tiny":
-        return DEFAULT_MATRIX
+        return None
     import torch
 
-    from wan_pipeline.plan.plan import make_plan
-    from wan_pipeline.run.models import working_memory_estimate
-
+    if not torch.cuda.is_available():
+        return options.memory_cap
     total = torch.cuda.get_device_properties(0).total_memory
-    expert_bytes = 14.3e9  # one A14B expert in fp8 storage: the least a run can keep resident
-    fits = []
-    for name in DEFAULT_MATRIX:
-        plan = make_plan(get_preset(name), mode)
-        if expert_bytes + working_memory_estimate(plan.tokens, plan.width, plan.height) <= total:
-            fits.append(name)
-    return tuple(fits)
+    return total if options.memory_cap is None else min(options.memory_cap, total)
+
+
+def memory_skips(cases, options: WanOptions, stock: bool = False) -> dict[str, str]:
+    """Case id -> why it is skipped, for cases that fit no residency policy in the memory budget (stock cases:
+    the stock diffusers pipeline keeps every model resident). A cap that no case fits is bad input: MemoryCapError
+    naming the smallest cap the first case needs."""
+    from wan_pipeline.plan.memory import MemoryCapError, plan_memory
+    from wan_pipeline.plan.plan import make_plan
+
+    if not cases:
+        return {}
+    budget = memory_budget(options, cases[0].mode)
+    if budget is None:
+        return {}
+    unfit, errors = {}, []
+    for case in cases:
+        config = case.config.replace(residency="resident") if stock else case.config
+        try:
+            plan_memory(make_plan(config, case.mode), budget)
+        except MemoryCapError as exc:
+            unfit[case.id] = f"does not fit the memory budget: {exc}"
+            errors.append(exc)
+    if options.memory_cap is not None and len(unfit) == len(cases) and not stock:
+        raise MemoryCapError(f"--wan-memory-cap: {errors[0]}")
+    return unfit
 
 
 def build_cases(options: WanOptions):
@@ -80,6 +104,7 @@ def build_cases(options: WanOptions):
                         case_config = config.replace(attention=attention, precision=precision, compile=compile_on,
                                                      sequence_parallel=degree, residency=options.residency,
                                                      vae_bands=options.vae_bands,
+                                                     memory_cap=options.memory_cap,
                                                      lora_rounding=options.lora_rounding)
                         cases.append(WanCase(resolve_run_precision(case_config, mode, options.models_dir), mode,
                                              reference=stock_reference_key(config, mode)))

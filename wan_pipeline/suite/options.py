@@ -113,6 +113,18 @@ def _gpus(value: str) -> str | None:
     return str(value).strip()
 
 
+def _memory_cap(value: str) -> int | None:
+    """--wan-memory-cap: bytes (24GB = 24 x 10^9, 16GiB = 16 x 2^30), or None for the whole card."""
+    from wan_pipeline.plan.memory import MemoryCapError, parse_memory_size
+
+    if not str(value).strip():
+        return None
+    try:
+        return parse_memory_size(value)
+    except MemoryCapError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _optional(value: str) -> str | None:
     return value or None
 
@@ -146,8 +158,11 @@ _OPTIONS = (
     ("--wan-gpus-timeout", "WAN_GPUS_TIMEOUT", "", _seconds,
      "seconds the --wan-gpus workers may run in all (default: no limit)"),
     ("--wan-residency", "WAN_RESIDENCY", "auto", _one_of(RESIDENCIES),
-     "what stays on the GPU: auto (default: everything that fits), resident, offload-text-encoder or "
-     "offload-idle-expert"),
+     "what stays on the GPU: auto (default: the fastest that fits), resident, offload-text-encoder, "
+     "offload-idle-expert or stream-expert (experts in pinned host memory, streamed block by block)"),
+    ("--wan-memory-cap", "WAN_MEMORY_CAP", "", _memory_cap,
+     "cap the CUDA allocator at SIZE to emulate a smaller card's memory (not its speed), e.g. 24GB (GB = 10^9 "
+     "bytes) or 16GiB (GiB = 2^30 bytes); residency, VAE bands and the default matrix plan for the cap"),
     ("--wan-vae-bands", "WAN_VAE_BANDS", "1", _integer(1),
      "run the VAE in N bands of rows one after another, as ComfyUI's tiled VAE nodes (less memory; default 1: the "
      "whole frame)"),
@@ -197,6 +212,7 @@ class WanOptions:
     sequence_parallel: int = 1
     residency: str = "auto"
     vae_bands: int = 1
+    memory_cap: int | None = None  # bytes; None: the whole card
     lora_rounding: str = "comfyui"
     gpus: str | None = None
     gpus_timeout: float | None = None
@@ -216,7 +232,7 @@ def wan_options(config) -> WanOptions:
             precision=get("wan_precision") or ("auto",), compile=get("wan_compile"),
             rounds=get("benchmark_min_rounds", 5), warmup=get("wan_warmup"), workflow=get("wan_workflow"),
             video=get("wan_video"), sequence_parallel=get("wan_sp"), residency=get("wan_residency"),
-            vae_bands=get("wan_vae_bands"), lora_rounding=get("wan_lora_rounding"), gpus=get("wan_gpus"),
+            vae_bands=get("wan_vae_bands"), memory_cap=get("wan_memory_cap"), lora_rounding=get("wan_lora_rounding"), gpus=get("wan_gpus"),
             gpus_timeout=get("wan_gpus_timeout"), benchmark_only=bool(get("benchmark_only", False)))
     return config.stash[OPTIONS_KEY]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from wan_pipeline.suite import outcomes, saving
-from wan_pipeline.suite.cases import References, add_stock_speedups, build_cases, case_of, stock_cases
+from wan_pipeline.suite.cases import (References, add_stock_speedups, build_cases, case_of, memory_skips,
+                                      stock_cases)
 # pytest finds fixtures on the plugin module: the session fixtures are imported into it.
 from wan_pipeline.suite.fixtures import (report_lines, wan_budgets,  # noqa: F401
                                          wan_forward_references, wan_missing_budgets, wan_model_cache,
@@ -20,6 +21,7 @@ from wan_pipeline.suite.options import add_options, rounds_arguments
 from wan_pipeline.suite.options import wan_options as options_of
 
 REFERENCES_KEY = pytest.StashKey[References]()
+MEMORY_CAP_KEY = pytest.StashKey[object]()  # what apply_memory_cap did (None: no cap)
 
 
 def pytest_addoption(parser):
@@ -76,7 +78,16 @@ def pytest_configure(config):
             check_world_size(options.sequence_parallel)
         except WanBenchError as exc:
             raise _usage_error("--wan-sp", exc) from None
-    saving.configure_storage(config, gpu_slug(gpu_snapshot()))
+    cap_info = None
+    if options.memory_cap is not None and not (options.gpus and not config.getoption("wan_shard")):
+        from wan_pipeline.run.memory import apply_memory_cap  # before anything is allocated on a card
+
+        try:
+            cap_info = apply_memory_cap(options.memory_cap)
+        except WanBenchError as exc:
+            raise _usage_error("--wan-memory-cap", exc) from None
+    config.stash[MEMORY_CAP_KEY] = cap_info
+    saving.configure_storage(config, saving.storage_slug(gpu_slug(gpu_snapshot()), options.memory_cap))
     config.stash[REFERENCES_KEY] = References()
     config.pluginmanager.register(outcomes.OutcomeRecorder(config), "wan-outcomes")
     shard, progress = config.getoption("wan_shard"), config.getoption("wan_progress")
@@ -124,6 +135,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
     machine_info["gpu"] = gpu_snapshot()
     machine_info["wan_env"] = environment_fingerprint()
+    cap = options_of(config).memory_cap
+    machine_info["wan_memory_cap"] = config.stash.get(MEMORY_CAP_KEY, None) or (
+        None if cap is None else {"cap_bytes": cap, "applied": False, "why": "capped in the --wan-gpus workers"})
 
 
 def pytest_generate_tests(metafunc):
@@ -132,13 +146,17 @@ def pytest_generate_tests(metafunc):
         return
     from wan_pipeline.errors import WanBenchError
 
+    options = options_of(metafunc.config)
     try:
-        cases = build_cases(options_of(metafunc.config))
+        cases = build_cases(options)
         if wanted[0] == "wan_stock_case":
             cases = stock_cases(cases)
-    except WanBenchError as exc:  # a bad workflow: one clear usage error
+        unfit = memory_skips(cases, options, stock=wanted[0] == "wan_stock_case")
+    except WanBenchError as exc:  # a bad workflow, a cap no case fits: one clear usage error
         raise pytest.UsageError(str(exc)) from None
-    metafunc.parametrize(wanted[0], cases, ids=[c.id for c in cases])
+    params = [pytest.param(c, id=c.id, marks=[pytest.mark.skip(reason=unfit[c.id])] if c.id in unfit else [])
+              for c in cases]
+    metafunc.parametrize(wanted[0], params)
 
 
 def pytest_collection_modifyitems(session, config, items):

@@ -1,7 +1,8 @@
 """Where pytest-benchmark keeps a session's history, and how it is saved.
 
 Per-GPU storage: before pytest-benchmark builds its session (its configure is trylast), a file storage given by
-`--benchmark-storage` (default `./.benchmarks`) becomes `<storage>/<gpu slug>`, so histories of different GPU models
+`--benchmark-storage` (default `./.benchmarks`) becomes `<storage>/<gpu slug>` (`<gpu slug>-cap24gb` under
+`--wan-memory-cap 24GB`, see storage_slug), so histories of different GPU models, or of capped and uncapped runs,
 never mix and `--benchmark-compare` loads from this GPU's folder; pytest-benchmark adds its machine folder below.
 
 Saving: pytest-benchmark's file storage writes `NNNN_name.json` in place after globbing for the next number, and
@@ -43,6 +44,15 @@ def file_storage_root(storage: str) -> Path | None:
     if storage.startswith("file://"):
         return Path(storage[len("file://"):])
     return None
+
+
+def storage_slug(gpu_slug: str, memory_cap: int | None) -> str:
+    """The history folder of a GPU model, a capped run in its own: `<gpu slug>-cap24gb` (24 x 10^9 bytes) or
+    `-cap16gib` (16 x 2^30), else `-cap<bytes>b`: a capped run emulates a smaller card and never mixes with the
+    uncapped one's history."""
+    from wan_pipeline.plan.memory import cap_label
+
+    return gpu_slug if memory_cap is None else f"{gpu_slug}-cap{cap_label(memory_cap)}"
 
 
 def configure_storage(config, slug: str) -> Saving:
