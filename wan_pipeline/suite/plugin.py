@@ -11,6 +11,7 @@ import pytest
 
 from wan_pipeline.suite import saving
 from wan_pipeline.suite.cases import References, add_stock_speedups, build_cases, case_of, stock_cases
+from wan_pipeline.suite.comfyui import machine_info_entry, wan_comfyui  # noqa: F401
 # pytest finds fixtures on the plugin module: the session fixtures are imported into it.
 from wan_pipeline.suite.fixtures import (report_lines, wan_budgets,  # noqa: F401
                                          wan_forward_references, wan_model_cache, wan_options, wan_report,
@@ -123,6 +124,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
     machine_info["gpu"] = gpu_snapshot()
     machine_info["wan_env"] = environment_fingerprint()
+    comfyui = machine_info_entry(config)
+    if comfyui is not None:
+        machine_info["comfyui"] = comfyui
 
 
 def pytest_generate_tests(metafunc):
@@ -132,7 +136,7 @@ def pytest_generate_tests(metafunc):
     from wan_pipeline.errors import WanBenchError
 
     try:
-        cases = build_cases(options_of(metafunc.config))
+        cases = build_cases(options_of(metafunc.config), metafunc.config)
         if wanted[0] == "wan_stock_case":
             cases = stock_cases(cases)
     except WanBenchError as exc:  # a bad workflow: one clear usage error
@@ -152,7 +156,7 @@ def pytest_collection_modifyitems(session, config, items):
     def load_order(indexed):
         index, item = indexed
         case = case_of(item)
-        if case is None:
+        if case is None or getattr(case, "backend", None) == "comfyui":
             return (0, "", index)
         return (1, repr(ModelSetKey.for_run(case.config, case.mode, None).weights()), index)
 
