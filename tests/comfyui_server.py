@@ -1,11 +1,11 @@
 """The ComfyUI 0.3.64 source snapshot in tests: where it is, its extraction, and a real server started from it on
-the CPU (a free loopback port, a temporary base folder with tiny Wan 2.2 files in ComfyUI's layout, a small custom
-node package), stopped at the end of the session.
+the CPU (a free loopback port, a temporary base folder with the tiny model set of `wan_pipeline.run.comfy_files` in ComfyUI's layout, a
+small custom node package), stopped at the end of the session.
 
 ComfyUI builds its UMT5 text encoder at full XXL size whatever the file holds, so the test graphs take their
 conditioning from the custom node ``WanBenchTestConditioning`` instead of CLIPLoader + CLIPTextEncode. Its VAELoader
-builds the Wan 2.1 VAE at its fixed width (dim 96) from any Wan 2.1 state dict, so the test VAE is that size with
-random weights (bf16 in the file).
+builds the Wan 2.1 VAE at its fixed width (dim 96) from any Wan 2.1 state dict (the shapes are not read), so the
+test VAE is that size, with random weights.
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ SNAPSHOT = Path(__file__).resolve().parents[1].parent / "shared" / "comfyui" / "
 COMFY_DEPENDENCIES = ("torchsde", "av", "einops", "psutil", "scipy", "tqdm", "yaml", "PIL", "safetensors",
                       "transformers", "sentencepiece", "tokenizers")
 SERVER_DEPENDENCIES = ("aiohttp", "yarl", "alembic", "sqlalchemy", "comfyui_frontend_package", "websocket")
-HIGH, LOW = "wan2.2_i2v_high_noise_tiny_fp8_scaled.safetensors", "wan2.2_i2v_low_noise_tiny_fp8_scaled.safetensors"
-LORA_HIGH, LORA_LOW = "lightx2v_tiny_high.safetensors", "lightx2v_tiny_low.safetensors"
-VAE = "wan_2.1_vae_random.safetensors"
 INPUT_IMAGE = "start.png"
 
 CUSTOM_NODE = '''
@@ -143,32 +140,17 @@ def free_port() -> int:
 
 
 def write_models_tree(base: Path) -> None:
-    """Tiny Wan 2.2 i2v experts (fp8_scaled, the original key layout), small LoRAs, a Wan 2.1 VAE at ComfyUI's
-    width with random weights, the start image and the custom node package, in ComfyUI's folder layout."""
+    """The tiny model set of `wan_pipeline.run.comfy_files` (the files wan-bench reads too) in ComfyUI's folder
+    layout, without the text encoder (the test graphs use the conditioning node), the start image and the custom
+    node package."""
     import numpy as np
-    import torch
-    from checkpoints import TINY_WAN, randomize, wan_vae_original_name, write_wan_file
-    from diffusers import AutoencoderKLWan, WanTransformer3DModel
     from PIL import Image
-    from safetensors.torch import save_file
 
-    comfy_tiny = dict(attention_head_dim=128, in_channels=36, out_channels=16, text_dim=4096, freq_dim=256,
-                      ffn_dim=64)
-    for sub in ("diffusion_models", "loras", "vae", "text_encoders"):
-        (base / "models" / sub).mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate((HIGH, LOW)):
-        model = randomize(WanTransformer3DModel(**{**TINY_WAN, **comfy_tiny}), 10 + i, std=0.05)
-        write_wan_file(base / "models" / "diffusion_models" / name, model, "fp8_scaled",
-                       prefix="model.diffusion_model.", marker_elements=0)
-    g = torch.Generator().manual_seed(3)
-    for name in (LORA_HIGH, LORA_LOW):
-        save_file({"diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(256, 4, generator=g) * 0.05,
-                   "diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(4, 256, generator=g) * 0.05,
-                   "diffusion_model.blocks.0.self_attn.q.alpha": torch.tensor(4.0)},
-                  str(base / "models" / "loras" / name))
-    vae = randomize(AutoencoderKLWan(base_dim=96, z_dim=16), 4, std=0.02)
-    save_file({wan_vae_original_name(k): v.detach().to(torch.bfloat16).contiguous()
-               for k, v in vae.state_dict().items()}, str(base / "models" / "vae" / VAE))
+    from wan_pipeline.plan.config import TEXT_ENCODER
+    from wan_pipeline.run.comfy_files import write_comfyui_models
+
+    write_comfyui_models(base / "models", "tiny", seed=10)
+    (base / "models" / "text_encoders" / TEXT_ENCODER).unlink()  # ComfyUI would build the XXL encoder for it
     (base / "input").mkdir(parents=True, exist_ok=True)
     y, x = np.mgrid[0:64, 0:64]
     Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8)).save(base / "input" / INPUT_IMAGE)

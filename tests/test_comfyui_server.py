@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from comfyui_server import HIGH, INPUT_IMAGE, LORA_HIGH, LORA_LOW, LOW, VAE, free_port, start_server
+from comfyui_server import INPUT_IMAGE, free_port, start_server
 
 from wan_pipeline.errors import WorkflowError
 from wan_pipeline.plan.comfy import load_workflow_chains
@@ -90,12 +90,13 @@ def test_flat_template_converts_as_the_frontend_does(object_info, client):
     stages = node_stages(prompt)
     assert [stages[s] for s in chain.sampler_ids] == ["pass1", "pass2"]
     assert {stages[n] for n, e in prompt.items() if e["class_type"] == "CLIPTextEncode"} == {"text_encode"}
-    # the server has none of the template's model files: rejected, naming each node, class and file
+    # the server lacks the template's text encoder file and input image: rejected, naming each node, class and file
     with pytest.raises(ComfyServerError) as err:
         client.submit(prompt)
     text = str(err.value)
-    assert "node #95 (UNETLoader)" in text and "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors" in text
-    assert "node #84 (CLIPLoader)" in text
+    assert "node #84 (CLIPLoader)" in text and "umt5_xxl_fp8_e4m3fn_scaled.safetensors" in text
+    assert "node #97 (LoadImage)" in text and "input-18.jpg" in text
+    assert "UNETLoader" not in text  # the experts are there
 
 
 def test_subgraph_template_is_flattened(object_info):
@@ -159,10 +160,7 @@ def workflow(object_info, tmp_path_factory) -> Path:
     for seed, nid in enumerate(("93", "89")):
         prompt[nid] = {"class_type": "WanBenchTestConditioning", "inputs": {"seed": seed, "tokens": 8}}
     del prompt["84"]
-    prompt["95"]["inputs"]["unet_name"], prompt["96"]["inputs"]["unet_name"] = HIGH, LOW
-    prompt["101"]["inputs"]["lora_name"], prompt["102"]["inputs"]["lora_name"] = LORA_HIGH, LORA_LOW
-    prompt["90"]["inputs"]["vae_name"] = VAE
-    prompt["97"]["inputs"]["image"] = INPUT_IMAGE
+    prompt["97"]["inputs"]["image"] = INPUT_IMAGE  # the template's model file names: comfy_files wrote them
     prompt["98"]["inputs"].update(width=32, height=32, length=5)
     out = Path(tmp_path_factory.mktemp("workflow")) / "wan-tiny-api.json"
     out.write_text(json.dumps(prompt))
