@@ -84,8 +84,23 @@ class WanBenchTestFail:
         raise RuntimeError(message)
 
 
+class WanBenchTestExit:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"code": ("INT", {"default": 3, "min": 0, "max": 255})}}
+
+    RETURN_TYPES = ("INT",)
+    FUNCTION = "exit"
+    OUTPUT_NODE = True
+    CATEGORY = "wan-bench/test"
+
+    def exit(self, code):
+        import os
+        os._exit(code)
+
+
 NODE_CLASS_MAPPINGS = {"WanBenchTestConditioning": WanBenchTestConditioning, "WanBenchTestSleep": WanBenchTestSleep,
-                       "WanBenchTestFail": WanBenchTestFail}
+                       "WanBenchTestFail": WanBenchTestFail, "WanBenchTestExit": WanBenchTestExit}
 '''
 
 
@@ -206,12 +221,14 @@ class ComfyServer:
         self._log.close()
 
 
-def start_server(tmp_path_factory, flags: tuple[str, ...] = ()) -> tuple[ComfyServer, Path]:
-    """A ready server with the tiny models tree; the caller stops it. Skips (naming what) without the snapshot
-    or a dependency."""
+def start_server(tmp_path_factory, flags: tuple[str, ...] = (), base: Path | None = None) -> tuple[ComfyServer, Path]:
+    """A ready server with the tiny models tree (written into a new base folder, or ``base``'s reused); the caller
+    stops it. Skips (naming what) without the snapshot or a dependency."""
     root = extract_snapshot(tmp_path_factory, COMFY_DEPENDENCIES + SERVER_DEPENDENCIES)
-    base = Path(tmp_path_factory.mktemp("comfyui-base"))
-    write_models_tree(base)
-    server = ComfyServer(root, base, base / "server.log", torchvision_stub(base / "stubs"), flags)
+    if base is None:
+        base = Path(tmp_path_factory.mktemp("comfyui-base"))
+        write_models_tree(base)
+    log = Path(tmp_path_factory.mktemp("comfyui-log")) / "server.log"
+    server = ComfyServer(root, base, log, torchvision_stub(base / "stubs"), flags)
     server.wait_ready()
     return server, base

@@ -40,13 +40,18 @@ def template(package: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def started(tmp_path_factory):
     srv, base = start_server(tmp_path_factory)
     try:
-        yield srv
+        yield srv, base
     finally:
         srv.stop()
     assert srv.process.poll() is not None  # no server left behind
+
+
+@pytest.fixture(scope="module")
+def server(started):
+    return started[0]
 
 
 @pytest.fixture(scope="module")
@@ -243,6 +248,18 @@ def test_rejected_failing_and_hung_prompts_name_the_node(client, workflow):
         impatient.run({"1": {"class_type": "WanBenchTestSleep", "inputs": {"seconds": 30.0}}})
     done = client.run({"1": {"class_type": "WanBenchTestSleep", "inputs": {"seconds": 0.1}}})  # the server goes on
     assert "1" in done.node_seconds
+
+
+def test_a_server_that_dies_mid_round(started, tmp_path_factory):
+    second, _ = start_server(tmp_path_factory, flags=("--use-pytorch-cross-attention",), base=started[1])
+    try:
+        fingerprint = ServerSession(ComfyClient(second.url)).fingerprint()
+        assert "--use-pytorch-cross-attention" in fingerprint["launch_flags"]
+        with pytest.raises(ComfyServerError, match=r"closed the connection while running prompt .*did it die"):
+            ComfyClient(second.url).run({"1": {"class_type": "WanBenchTestExit", "inputs": {"code": 3}}})
+        assert second.process.wait(timeout=30) == 3
+    finally:
+        second.stop()
 
 
 def test_launch_flags_keep_what_changes_the_run():

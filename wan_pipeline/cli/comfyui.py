@@ -4,6 +4,7 @@ the server's own events, with the stage breakdown, the saved clip and the record
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def run_on_server(args: argparse.Namespace) -> int:
     session.fingerprint()  # unreachable or not ComfyUI: one clear error before anything runs
     case = comfy_cases(args.workflow)[0]  # the workflow as it is
     if args.seed is not None:
-        case = type(case)(**{**case.__dict__, "seed": args.seed})
+        case = dataclasses.replace(case, seed=args.seed)
 
     def progress(node, value, total):
         print(f"\r{case.id}: node #{node} step {value}/{total}", end="", file=sys.stderr, flush=True)

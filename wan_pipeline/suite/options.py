@@ -161,7 +161,7 @@ _OPTIONS = (
      "before each: models unloaded, cache dropped)"),
     ("--wan-comfyui-timeout", "WAN_COMFYUI_TIMEOUT", "600", _seconds,
      "seconds without an event from the ComfyUI server before a round counts as hung and is interrupted "
-     "(default 600)"),
+     "(default 600; 0: no limit)"),
 )
 
 ROUNDS_ENV = "WAN_ROUNDS"
@@ -211,7 +211,7 @@ class WanOptions:
     benchmark_only: bool = False  # pytest-benchmark's --benchmark-only: a benchmark run, not a test run
     comfyui: str | None = None  # a ComfyUI server's URL: the backend of every case
     comfyui_rounds: str = "warm"
-    comfyui_timeout: float | None = 600.0
+    comfyui_timeout: float | None = 600.0  # None: no limit
 
 
 OPTIONS_KEY = pytest.StashKey[WanOptions]()
@@ -230,7 +230,7 @@ def wan_options(config) -> WanOptions:
             vae_bands=get("wan_vae_bands"), lora_rounding=get("wan_lora_rounding"), gpus=get("wan_gpus"),
             gpus_timeout=get("wan_gpus_timeout"), benchmark_only=bool(get("benchmark_only", False)),
             comfyui=get("wan_comfyui"), comfyui_rounds=get("wan_comfyui_rounds"),
-            comfyui_timeout=get("wan_comfyui_timeout") or 600.0)
+            comfyui_timeout=get("wan_comfyui_timeout"))
     return config.stash[OPTIONS_KEY]
 
 

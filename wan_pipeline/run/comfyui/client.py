@@ -54,14 +54,14 @@ def _node_error_text(body: dict) -> str:
 
 
 class ComfyClient:
-    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(self, url: str, timeout: float | None = DEFAULT_TIMEOUT_S):
         parsed = urllib.parse.urlparse(url if "://" in url else f"http://{url}")
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ComfyServerError(f"ComfyUI URL {url!r}: expected http://HOST:PORT")
         self.url = f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
         self.host = parsed.hostname
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        self.timeout = float(timeout)
+        self.timeout = None if timeout is None else float(timeout)  # None: wait for the server however long
         self.client_id = uuid.uuid4().hex
 
     @property
@@ -146,7 +146,7 @@ class ComfyClient:
         netloc = self.url.split("://", 1)[1]
         try:
             return websocket.create_connection(f"{scheme}://{netloc}/ws?clientId={self.client_id}",
-                                               timeout=min(self.timeout, 30.0))
+                                               timeout=min(self.timeout or 30.0, 30.0))
         except (OSError, websocket.WebSocketException) as exc:
             raise ComfyServerError(f"ComfyUI server {self.url} is unreachable: cannot open its websocket ({exc}); "
                                    f"start it or check --wan-comfyui / WAN_COMFYUI_URL") from None
