@@ -1,5 +1,6 @@
-"""Attention kernels: which implementation ran (from kernel names), refusals with reasons, auto, the router into
-diffusers' Wan processors, and the FP8 attention's scaling arithmetic (simulated on the CPU)."""
+"""Attention kernels: which implementation ran (from kernel names), refusals with reasons, auto, diffusers' backends
+set through `set_attention_backend`, the router for the project's own kernels, and the FP8 attention's scaling
+arithmetic (simulated on the CPU)."""
 
 import pytest
 import torch
@@ -20,6 +21,12 @@ FP8_CAST = ("void at::native::vectorized_elementwise_kernel<4, at::native::float
     (["void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>"], "flash-attention-2"),
     (["_attn_fwd"], "sageattention (triton)"),
     (["aten::_scaled_dot_product_flash_attention_for_cpu"], "sdpa-cpu-flash"),
+    (["void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwd"
+      "Sm90<2, cute::tuple<cute::C<1>, cute::C<1>, cute::C<1> >, cute::tuple<cute::C<128>, cute::C<176>, "
+      "cute::C<128> >, 128, cutlass::bfloat16_t, float, cutlass::arch::Sm90, false>>>>"], "flash-attention-3"),
+    (["void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<flash::CollectiveMainloopFwd"
+      "Sm90<2, cute::tuple<cute::C<1> >, 128, cutlass::float_e4m3_t, float, cutlass::arch::Sm90, false>>>>"],
+     "flash-attention-3-fp8"),
     (["some_gemm"], "unknown (some_gemm)"),
 ])
 def test_the_family_comes_from_the_kernels_that_ran(names, family):
@@ -30,6 +37,8 @@ def test_the_family_comes_from_the_kernels_that_ran(names, family):
     ("cudnn-fp8", "cudnn-fp8 needs a CUDA GPU; this run is on the CPU"),
     ("sdpa-cudnn", "needs a CUDA GPU; this run is on the CPU"),
     ("sage", "needs a CUDA GPU"),
+    ("fa3", "needs a CUDA GPU"),
+    ("fa3-fp8", "needs a CUDA GPU"),
 ])
 def test_a_kernel_that_cannot_run_here_is_refused_with_its_reason(name, reason):
     assert reason in attention.availability(name, torch.device("cpu"))
@@ -69,7 +78,7 @@ def test_the_installed_kernel_is_what_the_transformer_calls():
 
     def counting(q, k, v):
         calls.append(tuple(q.shape))
-        return attention._sdpa(None)(q, k, v)
+        return attention._sdpa_bhsd(q, k, v)
 
     count = attention.install(model, attention.AttentionKernel("counting", counting))
     cfg = model.config
@@ -146,3 +155,104 @@ def test_cudnn_fp8_runs_fp8_over_long_key_sequences_and_bf16_sdpa_over_the_text(
     assert "notes" not in attention.KernelChoice("sdpa", "sdpa", "cudnn-attention", (), {}).to_json()
     choice = attention.KernelChoice("cudnn-fp8", "cudnn-fp8", "cudnn-fp8-attention", (), {})
     assert choice.to_json()["notes"] == [attention.FP8_SHORT_KV_NOTE]
+
+
+def _tiny_expert():
+    from wan_pipeline.run.models import TINY_TRANSFORMER, random_transformer
+
+    return random_transformer(TINY_TRANSFORMER, torch.device("cpu"), torch.float32, seed=0)
+
+
+def _forward(model):
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, cfg.in_channels, 1, 4, 4, generator=g)
+    text = torch.randn(1, 8, cfg.text_dim, generator=g)
+    with torch.no_grad():
+        return model(hidden_states=x, timestep=torch.tensor([500.0]), encoder_hidden_states=text, return_dict=False)[0]
+
+
+def test_diffusers_backends_are_set_through_set_attention_backend_and_own_kernels_through_the_router():
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    model = _tiny_expert()
+    processors = attention._processors(model)
+    kernel, choice = attention.choose("sdpa-math", tokens=64, heads=2, head_dim=16, device=torch.device("cpu"),
+                                      dtype=torch.float32)
+    assert kernel.diffusers_backend == "_native_math" and choice.to_json()["via"] == "diffusers:_native_math"
+    assert attention.install(model, kernel) == len(processors) == 2 * model.config.num_layers
+    assert {p._attention_backend for p in processors} == {AttentionBackendName._NATIVE_MATH}
+    by_diffusers = _forward(model)
+    calls = []
+    own = attention.AttentionKernel("own", lambda q, k, v: calls.append(1) or attention._sdpa_bhsd(q, k, v))
+    attention.install(model, own)  # a project kernel after a diffusers backend, on the same modules
+    assert torch.allclose(_forward(model), by_diffusers, atol=1e-5) and len(calls) == len(processors)
+    attention.use_diffusers_default(model)  # and back, as the stock reference does
+    assert {p._attention_backend for p in processors} == {AttentionBackendName.NATIVE}
+    assert torch.allclose(_forward(model), by_diffusers, atol=1e-5) and len(calls) == len(processors)
+
+
+@pytest.mark.parametrize("version, own", [("1.0.6", True), ("2.1.1", False), ("2.2.0+cu128", False)])
+def test_sageattention_older_than_diffusers_minimum_runs_the_projects_own_call(monkeypatch, version, own):
+    monkeypatch.setattr(attention.importlib.metadata, "version", lambda name: version)
+    assert attention.own_sage() is own
+    assert attention._diffusers_backend("sage") == (None if own else "sage")
+
+
+def _pretend_hopper(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+
+
+def test_fa3_says_why_it_cannot_run(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))
+    assert "built for Hopper (sm_90); this card is sm_89" in attention.availability("fa3", cuda)
+    _pretend_hopper(monkeypatch)
+    real_find_spec = attention.importlib.util.find_spec
+    monkeypatch.setattr(attention.importlib.util, "find_spec",
+                        lambda name: None if name == "fa3_fwd_interface" else real_find_spec(name))
+    assert "fa3-fwd is not installed (pip install fa3-fwd" in attention.availability("fa3-fp8", cuda)
+
+
+def _fake_fa3(monkeypatch):
+    """A stand-in `fa3_fwd_interface` that records what it was given and answers with SDPA (the routing and the
+    per-head scales are what is checked here; the kernel itself is checked on a Hopper card in tests/gpu)."""
+    import sys
+    import types
+
+    calls = []
+
+    def _flash_attn_forward(q, k, v, q_descale=None, k_descale=None, v_descale=None, softmax_scale=None,
+                            causal=False):
+        calls.append((q.dtype, k.shape[1], None if q_descale is None else tuple(q_descale.shape)))
+        if q.dtype == torch.float8_e4m3fn:
+            q, k, v = (t.float() * d[:, None, :, None] for t, d in ((q, q_descale), (k, k_descale), (v, v_descale)))
+        return attention._sdpa_bhsd(q, k, v).to(torch.bfloat16), None, None, None
+
+    module = types.ModuleType("fa3_fwd_interface")
+    module._flash_attn_forward = _flash_attn_forward
+    monkeypatch.setitem(sys.modules, "fa3_fwd_interface", module)
+    return calls
+
+
+def test_fa3_fp8_quantizes_self_attention_per_head_and_runs_the_text_in_bf16(monkeypatch):
+    calls = _fake_fa3(monkeypatch)
+    attend = attention._fa3(fp8=True)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2304, 2, 16, generator=g, dtype=torch.bfloat16)
+    text = torch.randn(1, 512, 2, 16, generator=g, dtype=torch.bfloat16)
+    attend(q, text, text)
+    assert calls == [(torch.bfloat16, 512, None)]  # cross-attention over the text
+    out = attend(q, q, q)
+    assert calls[-1] == (torch.float8_e4m3fn, 2304, (1, 2)) and out.dtype == torch.bfloat16
+    cosine = F.cosine_similarity(out.float().flatten(), attention._sdpa_bhsd(q, q, q).float().flatten(), dim=0)
+    assert cosine > 0.99
+
+
+def test_per_head_quantization_maps_each_heads_largest_value_to_the_top_of_e4m3():
+    x = torch.zeros(1, 3, 2, 4, dtype=torch.bfloat16)
+    x[0, 1, 0, 2], x[0, 2, 1, 0] = -2.0, 0.25
+    x8, descale = attention.quantize_per_head(x)
+    assert x8.dtype == torch.float8_e4m3fn and descale.shape == (1, 2) and descale.dtype == torch.float32
+    assert x8[0, 1, 0, 2].float().item() == -FP8_E4M3_MAX and x8[0, 2, 1, 0].float().item() == FP8_E4M3_MAX
+    assert descale[0].tolist() == pytest.approx([2.0 / FP8_E4M3_MAX, 0.25 / FP8_E4M3_MAX])

@@ -152,6 +152,7 @@ NO_TORCH_COMMANDS = {
     "trend": ["trend", "{storage}"],
     "report": ["report", "{storage}", "--out", "{tmp}/report"],
     "metrics-help": ["metrics", "--help"],
+    "budgets": ["budgets", "--from", str(ROOT / "docs" / "results"), "--out", "{tmp}/budgets.toml"],
     # a ComfyUI server that is not there: one clear error (exit 2), and no model stack loaded on the way
     "run-comfyui-unreachable": ["run", "--comfyui", "http://127.0.0.1:9", "--workflow",
                                 str(FIXTURES / "users_variant.json")],

@@ -182,18 +182,18 @@ def test_read_image_applies_exif_rotation(tmp_path):
 def test_failed_write_leaves_existing_file_intact(tmp_path, monkeypatch):
     import wan_pipeline.measure.media as video
 
-    target = tmp_path / "clip.mp4"
+    target = tmp_path / "clip.webp"  # the atomic write is the same for both containers; webp needs no ffmpeg
     target.write_bytes(b"previous video")
 
     def broken_writer(frames, tmp, fps):
         tmp.write_bytes(b"half a video")
         raise RuntimeError("encoder died")
 
-    monkeypatch.setattr(video, "_write_mp4", broken_writer)
-    with pytest.raises(VideoWriteError, match="clip.mp4.*encoder died"):
+    monkeypatch.setattr(video, "_write_webp", broken_writer)
+    with pytest.raises(VideoWriteError, match="clip.webp.*encoder died"):
         write_video(_moving_clip(t=2), target, fps=16)
     assert target.read_bytes() == b"previous video"
-    assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+    assert [p.name for p in tmp_path.iterdir()] == ["clip.webp"]
 
 
 def test_write_replaces_existing_file(tmp_path):
@@ -279,3 +279,14 @@ def test_read_image_errors(tmp_path):
         read_image(tmp_path / "nope.png")
     with pytest.raises(VideoReadError, match="is a folder"):
         read_image(tmp_path)
+
+
+def test_auto_writes_webp_where_imageio_ffmpeg_is_missing(monkeypatch):
+    import wan_pipeline.measure.media as media
+    from wan_pipeline.suite.options import clip_format
+
+    monkeypatch.setattr(media, "mp4_writable", lambda: False)
+    assert clip_format("auto", "tiny") == "webp" and clip_format("auto", "synthetic") is None
+    assert clip_format("mp4", "tiny") == "mp4"  # asked for: the writer says what is missing
+    monkeypatch.setattr(media, "mp4_writable", lambda: True)
+    assert clip_format("auto", "real") == "mp4"

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "trend": ("wan_pipeline.cli.history", "find the runs where a benchmark stepped and what changed there"),
     "report": ("wan_pipeline.cli.history", "write an HTML page and a markdown summary with plots of the history"),
     "results": ("wan_pipeline.cli.history", "rewrite a markdown file's results table from stored benchmark files"),
+    "budgets": ("wan_pipeline.cli.budgets", "write latency budgets for this card from one of its benchmark runs"),
     "metrics": ("wan_pipeline.cli.metrics", "temporal-consistency metrics of a clip (flicker, SSIM, warp, motion)"),
 }
 

@@ -248,6 +248,7 @@ class WorkerResult:
             "status": self.status,
             "problem": self.problem,
             "cases": list(self.nodeids),
+            "outcomes": dict(self.outcomes),
             "benchmarks": [b.get("fullname") or b.get("name") for b in (self.data or {}).get("benchmarks", [])],
             "log": str(self.log),
         }

@@ -173,6 +173,13 @@ def _check_frames(frames: np.ndarray, path: Path) -> np.ndarray:
     return np.ascontiguousarray(frames)
 
 
+def mp4_writable() -> bool:
+    """Whether mp4 clips can be written here (imageio-ffmpeg, with its bundled ffmpeg, is importable)."""
+    import importlib.util
+
+    return importlib.util.find_spec("imageio_ffmpeg") is not None
+
+
 def _write_mp4(frames: np.ndarray, tmp: Path, fps: float) -> None:
     import imageio_ffmpeg
 

@@ -87,10 +87,19 @@ def _match(pattern: str, value: str) -> bool:
 def load_budgets(path: str | Path | None = None) -> Budgets:
     path = Path(path) if path else DEFAULT_BUDGETS
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise BudgetFileError(f"budgets file {path} does not exist") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise BudgetFileError(f"budgets file {path} is not valid TOML: {exc}") from None
+    return parse_budgets(text, path)
+
+
+def parse_budgets(text: str, path: str | Path = "<budgets>") -> Budgets:
+    """The budgets in TOML `text`, checked as load_budgets checks a file (`path` names it in errors)."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise BudgetFileError(f"budgets file {path} is not valid TOML: {exc}") from None
     budgets = []
     for i, entry in enumerate(data.get("budget", []), 1):

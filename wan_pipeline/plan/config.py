@@ -42,7 +42,7 @@ def ordered_stages(*stage_dicts: dict) -> list[str]:
 
 RESIDENCIES = ("auto", "resident", "offload-text-encoder", "offload-idle-expert")
 ATTENTION_BACKENDS = ("auto", "sdpa", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "sdpa-math", "sage", "flash-attn",
-                      "cudnn-fp8")
+                      "cudnn-fp8", "fa3", "fa3-fp8")
 
 # ComfyUI file names of the i2v A14B template (video_wan2_2_14B_i2v).
 HIGH_NOISE_MODEL = "wan2.2_i2v_high_noise_14B_fp8_scaled.safetensors"

@@ -1,47 +1,82 @@
 """Attention kernels for the experts, and proof of which one actually ran.
 
-Each backend is a function over (batch, tokens, heads, head_dim) tensors, installed into diffusers' Wan attention
-processors. A backend that cannot run here (not installed, wrong card) is an error with the reason, never a silent
-fallback; `auto` times the ones that run at the run's shape and picks the fastest. The kernel that executed is
-read from a one-off profiler pass (GPU kernel names), not from the flag.
+Backends diffusers implements (torch SDPA and its forced kernels, flash-attn 2, sageattention 2.1+) are set
+through diffusers' own `set_attention_backend`. The project keeps its own only what diffusers lacks: cuDNN's FP8
+SDPA (`cudnn-fp8`), FlashAttention-3 from the forward-only `fa3-fwd` wheel (`fa3`, `fa3-fp8`; diffusers' FA3
+backend imports another module name), and sageattention 1.x (diffusers needs 2.1.1+). Those reach diffusers' Wan
+processors through a pass-through router on the Wan module's dispatch function, installed only when one of them is
+used. A backend that cannot run here (not installed, wrong card) is an error with the reason, never a silent
+fallback; `auto` times the ones that run at the run's shape and picks the fastest. The kernel that executed is read
+from a one-off profiler pass (GPU kernel names), not from the flag.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
+import logging
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from wan_pipeline.errors import WanBenchError
 
-_SDPA_BACKENDS = {
-    "sdpa-flash": SDPBackend.FLASH_ATTENTION,
-    "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-    "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "sdpa-math": SDPBackend.MATH,
+# Our names -> diffusers' attention backends (`diffusers.models.attention_dispatch.AttentionBackendName` values).
+DIFFUSERS_BACKENDS = {
+    "sdpa": "native",
+    "sdpa-flash": "_native_flash",
+    "sdpa-cudnn": "_native_cudnn",
+    "sdpa-efficient": "_native_efficient",
+    "sdpa-math": "_native_math",
+    "flash-attn": "flash",
+    "sage": "sage",  # with sageattention >= 2.1.1; older releases run the project's own call
 }
+DIFFUSERS_SAGE_MINIMUM = (2, 1, 1)  # diffusers 0.42's `sage` backend refuses anything older
+DIFFUSERS_FLASH_MINIMUM = (2, 6, 3)  # and its `flash` backend flash-attn older than this
 
 
 class AttentionUnavailable(WanBenchError):
     """The asked-for attention kernel cannot run on this machine; the message says why."""
 
 
-def _sdpa(backend: SDPBackend | None) -> Callable:
-    def attend(q, k, v):
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if backend is None:
-            out = F.scaled_dot_product_attention(q, k, v)
-        else:
-            with sdpa_kernel([backend]):
-                out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(1, 2)
+def _version(package: str) -> tuple[int, ...] | None:
+    try:
+        text = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    parts = []
+    for piece in text.split("+")[0].split("."):
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
 
-    return attend
+
+def own_sage() -> bool:
+    """sageattention older than diffusers' minimum (1.x, common beside ComfyUI) runs through our own call."""
+    version = _version("sageattention")
+    return version is not None and version < DIFFUSERS_SAGE_MINIMUM
+
+
+def _diffusers_backend(name: str) -> str | None:
+    """The diffusers backend that runs `name`, or None where the project's own function does."""
+    if name == "sage" and own_sage():
+        return None
+    return DIFFUSERS_BACKENDS.get(name)
+
+
+# ------------------------------------------------------------------------------------------- the project's own
+
+
+def _sdpa_bhsd(q, k, v):
+    """torch SDPA over diffusers' [batch, tokens, heads, head_dim] layout."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 def _sage() -> Callable:
@@ -53,43 +88,88 @@ def _sage() -> Callable:
     return attend
 
 
-def _flash_attn() -> Callable:
-    from flash_attn import flash_attn_func
-
-    def attend(q, k, v):
-        return flash_attn_func(q, k, v)
-
-    return attend
-
-
-# cudnn-fp8: cross-attention over fewer key/value tokens than this (the experts' 512 text tokens) runs torch SDPA in
-# bf16: there the FP8 kernel's work is small and quantizing the 51k-token query costs more than it saves (H100:
+# fp8 backends: cross-attention over fewer key/value tokens than this (the experts' 512 text tokens) runs a bf16
+# kernel: there the FP8 kernel's work is small and quantizing the 51k-token query costs more than it saves (H100:
 # 3.63 ms in FP8 against 0.92 ms). Self-attention always runs FP8, however short.
 FP8_MIN_KV_TOKENS = 2048
-FP8_SHORT_KV_NOTE = (f"cross-attention over fewer than {FP8_MIN_KV_TOKENS} key tokens (the text) runs torch SDPA in "
-                     f"bf16")
+SHORT_KV_NOTES = {
+    "cudnn-fp8": f"cross-attention over fewer than {FP8_MIN_KV_TOKENS} key tokens (the text) runs torch SDPA in bf16",
+    "fa3-fp8": f"cross-attention over fewer than {FP8_MIN_KV_TOKENS} key tokens (the text) runs FlashAttention-3 "
+               f"in bf16",
+}
+FP8_SHORT_KV_NOTE = SHORT_KV_NOTES["cudnn-fp8"]
+
+
+def _short_kv(q, k) -> bool:
+    return k.shape[1] < min(q.shape[1], FP8_MIN_KV_TOKENS)
 
 
 def _cudnn_fp8() -> Callable:
     from wan_pipeline.run import fp8_attention
 
-    short_kv = _sdpa(None)
-
     def attend(q, k, v):  # diffusers' [batch, tokens, heads, head_dim] viewed as [batch, heads, tokens, head_dim]
-        if k.shape[1] < min(q.shape[1], FP8_MIN_KV_TOKENS):  # cross-attention over a short text
-            return short_kv(q, k, v)
+        if _short_kv(q, k):  # cross-attention over a short text
+            return _sdpa_bhsd(q, k, v)
         return fp8_attention.fp8_sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
     return attend
 
 
-def availability(name: str, device: torch.device) -> str | None:
-    """None when `name` can run on `device`, else the reason it cannot."""
+def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, tokens, heads, head_dim] -> (float8_e4m3fn, descale [batch, heads] float32): one scale per head, the
+    granularity FlashAttention-3's FP8 forward takes. Plain tensor code: under torch.compile it fuses with the norm
+    and rotary embedding that produce x (the amax reduction rides on that pass, the scaled cast on the next)."""
+    from wan_pipeline.run.fp8_attention import FP8_E4M3_MAX
+
+    amax = x.abs().amax(dim=(1, 3)).float().clamp(min=1e-12)  # [batch, heads]
+    scale = FP8_E4M3_MAX / amax
+    x8 = (x * scale[:, None, :, None].to(x.dtype)).to(torch.float8_e4m3fn)
+    return x8, scale.reciprocal()
+
+
+def _fa3(fp8: bool) -> Callable:
+    from fa3_fwd_interface import _flash_attn_forward  # the custom op itself: torch.compile keeps the graph whole
+
+    def bf16(q, k, v):
+        return _flash_attn_forward(q, k, v, causal=False)[0]
+
+    if not fp8:
+        return bf16
+
+    def attend(q, k, v):
+        if _short_kv(q, k):
+            return bf16(q, k, v)
+        (q8, dq), (k8, dk), (v8, dv) = quantize_per_head(q), quantize_per_head(k), quantize_per_head(v)
+        out = _flash_attn_forward(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv,
+                                  softmax_scale=q.shape[-1] ** -0.5, causal=False)[0]
+        return out.to(q.dtype)  # FA3's FP8 forward writes bf16
+
+    return attend
+
+
+_OWN = {"cudnn-fp8": _cudnn_fp8, "fa3": lambda: _fa3(False), "fa3-fp8": lambda: _fa3(True), "sage": _sage}
+
+
+# ------------------------------------------------------------------------------------------- availability
+
+
+@lru_cache(maxsize=None)
+def _import_failure(module: str) -> str | None:
+    """None when `module` imports, else why not (a wheel built for another torch fails here, not mid-run)."""
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a native extension that does not load (OSError, RuntimeError)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def availability(name: str, device: torch.device, dtype: torch.dtype | None = None) -> str | None:
+    """None when `name` can run on `device` (and in `dtype`, where given), else the reason it cannot."""
     if name in ("sdpa", "sdpa-math"):
         return None
     if device.type != "cuda":
         return f"{name} needs a CUDA GPU; this run is on the CPU"
-    major, _ = torch.cuda.get_device_capability(device)
+    major, minor = torch.cuda.get_device_capability(device)
     if name == "sdpa-cudnn" and not torch.backends.cudnn.is_available():
         return "cuDNN is not available to torch"
     if name == "sage":
@@ -97,8 +177,23 @@ def availability(name: str, device: torch.device) -> str | None:
             return "sageattention is not installed (pip install sageattention)"
         if major < 8:
             return f"sageattention needs compute capability 8.0+, this card is {major}.x"
-    if name == "flash-attn" and importlib.util.find_spec("flash_attn") is None:
-        return "flash-attn is not installed"
+    if name == "flash-attn":
+        version = _version("flash-attn")
+        if version is None:
+            return "flash-attn is not installed"
+        if version < DIFFUSERS_FLASH_MINIMUM:
+            return (f"diffusers' flash backend needs flash-attn {'.'.join(map(str, DIFFUSERS_FLASH_MINIMUM))}+, "
+                    f"found {'.'.join(map(str, version))}")
+    if name in ("fa3", "fa3-fp8"):
+        if (major, minor) != (9, 0):
+            return f"FlashAttention-3 (fa3-fwd) is built for Hopper (sm_90); this card is sm_{major}{minor}"
+        if importlib.util.find_spec("fa3_fwd_interface") is None:
+            return "fa3-fwd is not installed (pip install fa3-fwd: FlashAttention-3's forward for sm_90)"
+        failure = _import_failure("fa3_fwd_interface")
+        if failure:
+            return f"fa3-fwd is installed but does not load with torch {torch.__version__}: {failure}"
+        if dtype is not None and dtype != torch.bfloat16:
+            return f"fa3-fwd is built for bf16 only (its fp16 kernels are left out); this run computes in {dtype}"
     if name == "cudnn-fp8":
         from wan_pipeline.run.fp8_attention import available
 
@@ -108,34 +203,50 @@ def availability(name: str, device: torch.device) -> str | None:
     return None
 
 
-def attention_function(name: str, device: torch.device) -> Callable:
-    reason = availability(name, device)
-    if reason:
-        raise AttentionUnavailable(f"attention backend {name!r} cannot run: {reason}")
-    if name == "sdpa":
-        return _sdpa(None)
-    if name in _SDPA_BACKENDS:
-        return _sdpa(_SDPA_BACKENDS[name])
-    if name == "sage":
-        return _sage()
-    if name == "flash-attn":
-        return _flash_attn()
-    if name == "cudnn-fp8":
-        return _cudnn_fp8()
-    raise AttentionUnavailable(f"unknown attention backend {name!r}")
+# ------------------------------------------------------------------------------------------- the backend
 
 
 @dataclass(frozen=True)
 class AttentionKernel:
-    """What diffusers' processor receives as its `backend`: our kernel function and its name."""
+    """A resolved backend: its name, the diffusers backend that runs it (or None: `fn` is the project's own), and
+    `fn` over [batch, tokens, heads, head_dim] tensors, which is what the model calls either way."""
 
     name: str
     fn: Callable
+    diffusers_backend: str | None = None
 
     def __call__(self, query, key, value, attn_mask=None, **_ignored):
         if attn_mask is not None:
             raise WanBenchError(f"attention backend {self.name}: an attention mask is not supported")
         return self.fn(query, key, value)
+
+
+def _through_diffusers(backend: str) -> Callable:
+    """A call of diffusers' dispatch with `backend`: the probe and the profiler run the code the model runs."""
+    from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
+
+    member = AttentionBackendName(backend)
+
+    def attend(q, k, v):
+        return dispatch_attention_fn(q, k, v, backend=member)
+
+    return attend
+
+
+def attention_function(name: str, device: torch.device, dtype: torch.dtype | None = None) -> Callable:
+    return kernel_for(name, device, dtype).fn
+
+
+def kernel_for(name: str, device: torch.device, dtype: torch.dtype | None = None) -> AttentionKernel:
+    reason = availability(name, device, dtype)
+    if reason:
+        raise AttentionUnavailable(f"attention backend {name!r} cannot run: {reason}")
+    backend = _diffusers_backend(name)
+    if backend is not None:
+        return AttentionKernel(name, _through_diffusers(backend), backend)
+    if name in _OWN:
+        return AttentionKernel(name, _OWN[name]())
+    raise AttentionUnavailable(f"unknown attention backend {name!r}")
 
 
 def _route_dispatch() -> None:
@@ -158,23 +269,52 @@ def _route_dispatch() -> None:
     transformer_wan.dispatch_attention_fn = dispatch
 
 
+def _processors(transformer: torch.nn.Module) -> list:
+    return [m.processor for m in transformer.modules()
+            if getattr(m, "processor", None) is not None and hasattr(m.processor, "_attention_backend")]
+
+
+@contextmanager
+def _quiet_backend_warning():
+    """diffusers warns that attention backends are experimental on every `set_attention_backend`: once per case
+    and expert is noise in a benchmark's output."""
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def install(transformer: torch.nn.Module, kernel: AttentionKernel) -> int:
-    """Point every Wan attention processor of `transformer` at `kernel`; returns how many were set."""
-    _route_dispatch()
-    count = 0
-    for module in transformer.modules():
-        processor = getattr(module, "processor", None)
-        if processor is not None and hasattr(processor, "_attention_backend"):
+    """Point every attention processor of `transformer` at `kernel`: diffusers' `set_attention_backend` for its
+    backends, the router for the project's own. Returns how many processors were set."""
+    processors = _processors(transformer)
+    if not processors:
+        raise WanBenchError(f"{type(transformer).__name__} has no diffusers attention processors to set")
+    if kernel.diffusers_backend is not None:
+        with _quiet_backend_warning():
+            transformer.set_attention_backend(kernel.diffusers_backend)
+    else:
+        _route_dispatch()
+        for processor in processors:
             processor._attention_backend = kernel
-            count += 1
-    if count == 0:
-        raise WanBenchError(f"{type(transformer).__name__} has no Wan attention processors to set")
-    return count
+    return len(processors)
+
+
+def use_diffusers_default(transformer: torch.nn.Module) -> None:
+    """Back to diffusers' default backend (native torch SDPA), set explicitly: `set_attention_backend` also sets
+    diffusers' process-wide active backend, which a processor without a backend of its own would follow."""
+    with _quiet_backend_warning():
+        transformer.set_attention_backend(DIFFUSERS_BACKENDS["sdpa"])
 
 
 # GPU kernel name fragments -> what they are (first match wins).
 _KERNEL_FAMILIES = (
     ("flash_fprop_wgmma_f8", "cudnn-fp8-attention"),  # cuDNN's fused FP8 SDPA (sm90)
+    (("flashattnfwdsm90", "e4m3"), "flash-attention-3-fp8"),  # FA3's sm90 forward, instantiated for float_e4m3_t
+    ("flashattnfwdsm90", "flash-attention-3"),
     ("sage", "sageattention"),
     ("_attn_fwd", "sageattention (triton)"),
     ("qk_int8", "sageattention"),
@@ -193,8 +333,9 @@ _KERNEL_FAMILIES = (
 def classify_kernels(names: list[str]) -> str:
     """Name the attention implementation from the kernels a profiled call launched."""
     lowered = [n.lower() for n in names]
-    for fragment, family in _KERNEL_FAMILIES:
-        if any(fragment.lower() in n for n in lowered):
+    for fragments, family in _KERNEL_FAMILIES:
+        fragments = (fragments,) if isinstance(fragments, str) else fragments
+        if any(all(f.lower() in n for f in fragments) for n in lowered):
             return family
     return "unknown (" + ", ".join(sorted(set(names))[:3]) + ")"
 
@@ -234,7 +375,7 @@ def time_call(fn: Callable, q, k, v, repeats: int = 3) -> float:
     return (time.perf_counter() - start) / repeats
 
 
-AUTO_CANDIDATES = ("sdpa", "sdpa-cudnn", "sdpa-flash", "sage", "flash-attn", "cudnn-fp8")
+AUTO_CANDIDATES = ("sdpa", "sdpa-cudnn", "sdpa-flash", "sage", "flash-attn", "cudnn-fp8", "fa3", "fa3-fp8")
 
 
 @dataclass(frozen=True)
@@ -245,13 +386,17 @@ class KernelChoice:
     kernel_names: tuple[str, ...]
     timings: dict  # auto: seconds per candidate at the probe shape
 
+    via: str = ""  # "diffusers:<backend>" or "wan-bench": whose code dispatched the kernel
+
     @property
     def notes(self) -> list[str]:
-        return [FP8_SHORT_KV_NOTE] if self.backend == "cudnn-fp8" else []
+        return [SHORT_KV_NOTES[self.backend]] if self.backend in SHORT_KV_NOTES else []
 
     def to_json(self) -> dict:
         record = {"requested": self.requested, "backend": self.backend, "kernel": self.kernel,
                   "kernel_names": list(self.kernel_names), "auto_timings": self.timings}
+        if self.via:
+            record["via"] = self.via
         if self.notes:  # only where there is something to say: an absent key is no setting change for compare
             record["notes"] = self.notes
         return record
@@ -279,9 +424,9 @@ def _resolve(requested: str, *, tokens: int, heads: int, head_dim: int, device: 
     timings = {}
     if requested == "auto":
         for name in AUTO_CANDIDATES:
-            if availability(name, device) is None:
+            if availability(name, device, dtype) is None:
                 try:
-                    timings[name] = time_call(attention_function(name, device), q, k, v)
+                    timings[name] = time_call(attention_function(name, device, dtype), q, k, v)
                 except Exception as exc:  # a kernel that fails at this shape is not a candidate
                     timings[name] = f"failed: {type(exc).__name__}: {exc}"[:200]
         runnable = {n: t for n, t in timings.items() if isinstance(t, float)}
@@ -290,11 +435,12 @@ def _resolve(requested: str, *, tokens: int, heads: int, head_dim: int, device: 
         backend = min(runnable, key=runnable.get)
     else:
         backend = requested
-    fn = attention_function(backend, device)
+    kernel = kernel_for(backend, device, dtype)
     try:
-        family, names = profile_kernel(fn, q, k, v)
+        family, names = profile_kernel(kernel.fn, q, k, v)
     except RuntimeError as exc:
         raise AttentionUnavailable(f"attention backend {backend!r} failed at {probe_tokens} tokens x {heads} heads "
                                    f"x {head_dim} ({dtype}): {exc}") from exc
     del q, k, v
-    return AttentionKernel(backend, fn), KernelChoice(requested, backend, family, tuple(names), timings)
+    via = f"diffusers:{kernel.diffusers_backend}" if kernel.diffusers_backend else "wan-bench"
+    return kernel, KernelChoice(requested, backend, family, tuple(names), timings, via)

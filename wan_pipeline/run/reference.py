@@ -33,12 +33,11 @@ class StockTokenizer:
 
 
 def reset_stock_attention(models: ModelSet) -> None:
-    """Back to diffusers' default attention dispatch (native SDPA) on every expert."""
+    """Back to diffusers' default attention backend (native SDPA) on every expert."""
+    from wan_pipeline.run.attention import use_diffusers_default
+
     for expert in models.experts.values():
-        for module in expert.modules():
-            processor = getattr(module, "processor", None)
-            if processor is not None and hasattr(processor, "_attention_backend"):
-                processor._attention_backend = None
+        use_diffusers_default(expert)
 
 
 def stock_pipeline(models: ModelSet, plan: Plan):

@@ -50,6 +50,14 @@ def wan_budgets(wan_options):
 
 
 @pytest.fixture(scope="session")
+def wan_missing_budgets(pytestconfig) -> list:
+    """Ids of the generation cases that found no budget: the session ends by saying how to make them."""
+    from wan_pipeline.suite.outcomes import outcomes_of
+
+    return outcomes_of(pytestconfig).unbudgeted
+
+
+@pytest.fixture(scope="session")
 def wan_forward_references():
     """bf16 SDPA expert outputs by (preset, mode): what faster modes are compared with."""
     return {}

@@ -124,6 +124,11 @@ class MatrixController:
         if self.results is not None:
             output_json.update(merge(output_json, self.results, self.order))
 
+    def unbudgeted(self) -> int:
+        """Generation cases the workers ran without a budget (their summaries say so)."""
+        return sum("no budget for this card and preset" in line
+                   for result in self.results or [] for line in log_section(result.log))
+
     def failed(self) -> bool:
         return self.results is not None and any(
             r.status != "ok" or "failed" in r.outcomes.values() for r in self.results)

@@ -140,7 +140,7 @@ _OPTIONS = (
     ("--wan-workflow", "WAN_WORKFLOW", "", _optional, "benchmark this ComfyUI workflow file and its matrix variants"),
     ("--wan-video", "WAN_VIDEO", "auto", _one_of(VIDEO_CHOICES, lower=True),
      "saved clips: mp4 (needs imageio-ffmpeg), webp or none; default auto: none for synthetic runs (full-size "
-     "noise), mp4 otherwise"),
+     "noise), else mp4 (webp where imageio-ffmpeg is not installed)"),
     ("--wan-gpus", "WAN_GPUS", "", _gpus, "spread the wan cases over GPUs, one worker pinned per GPU: all, a count or "
                                           "a comma list of device indices (tiny mode on a CPU: a count of CPU workers)"),
     ("--wan-gpus-timeout", "WAN_GPUS_TIMEOUT", "", _seconds,
@@ -236,9 +236,13 @@ def wan_options(config) -> WanOptions:
 
 def clip_format(video: str, mode: str) -> str | None:
     """The container a case's clip is written in, or None for no clip. Synthetic weights make full-size noise that
-    shows nothing: 49 frames of 832x1216 took 11.8 s to write as webp (41 MB) on a 2-core CPU."""
+    shows nothing: 49 frames of 832x1216 took 11.8 s to write as webp (41 MB) on a 2-core CPU. `auto` writes mp4
+    where imageio-ffmpeg is installed and webp (Pillow) where it is not: a missing encoder is no reason for a case
+    to fail; `--wan-video mp4` asks for mp4 and says what is missing."""
     if video == "auto":
-        return None if mode == "synthetic" else "mp4"
+        from wan_pipeline.measure.media import mp4_writable
+
+        return None if mode == "synthetic" else ("mp4" if mp4_writable() else "webp")
     return None if video == "none" else video
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from wan_pipeline.suite import saving
+from wan_pipeline.suite import outcomes, saving
 from wan_pipeline.suite.cases import References, add_stock_speedups, build_cases, case_of, stock_cases
 from wan_pipeline.suite.comfyui import machine_info_entry, wan_comfyui  # noqa: F401
 # pytest finds fixtures on the plugin module: the session fixtures are imported into it.
 from wan_pipeline.suite.fixtures import (report_lines, wan_budgets,  # noqa: F401
-                                         wan_forward_references, wan_model_cache, wan_options, wan_report,
-                                         wan_single_gpu_outputs)
+                                         wan_forward_references, wan_missing_budgets, wan_model_cache,
+                                         wan_options, wan_report, wan_single_gpu_outputs)
 from wan_pipeline.suite.matrix import MatrixController, ShardWorker, full_args
 from wan_pipeline.suite.options import add_options, rounds_arguments
 from wan_pipeline.suite.options import wan_options as options_of
@@ -79,6 +79,7 @@ def pytest_configure(config):
             raise _usage_error("--wan-sp", exc) from None
     saving.configure_storage(config, gpu_slug(gpu_snapshot()))
     config.stash[REFERENCES_KEY] = References()
+    config.pluginmanager.register(outcomes.OutcomeRecorder(config), "wan-outcomes")
     shard, progress = config.getoption("wan_shard"), config.getoption("wan_progress")
     if shard or progress:
         config.pluginmanager.register(ShardWorker(shard, progress), "wan-shard-worker")
@@ -172,6 +173,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     from wan_pipeline.run.parallel import add_scaling_to_json
 
     found = output_json.get("benchmarks", [])
+    output_json["wan_session"] = outcomes.outcomes_of(config).to_json()
     lines = add_scaling_to_json(found) + add_stock_speedups(found, config.stash[REFERENCES_KEY])
     report = report_lines(config)
     report.extend(line for line in lines if line not in report)  # the JSON and the history save both call this
@@ -179,7 +181,12 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 
 def pytest_sessionfinish(session, exitstatus):
     """After pytest-benchmark's own finish: save the history (atomically) and write a merged --benchmark-json."""
-    report_lines(session.config).extend(saving.finish(session.config))
+    config = session.config
+    report_lines(config).extend(saving.finish(config))
+    if not config.getoption("wan_shard"):  # a --wan-gpus worker's controller says it, with the merged file
+        controller = config.pluginmanager.get_plugin("wan-gpu-matrix")
+        missing = len(outcomes.outcomes_of(config).unbudgeted) + (controller.unbudgeted() if controller else 0)
+        report_lines(config).extend(outcomes.budget_hint(config, missing))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

@@ -30,6 +30,7 @@ class Saving:
     name: str | None = None
     storage_root: Path | None = None
     json_target: object = None
+    saved: Path | None = None  # the history file this session saved
 
 
 SAVING_KEY = pytest.StashKey[Saving]()
@@ -116,7 +117,7 @@ def finish(config) -> list[str]:
     if saving.name:
         if output["benchmarks"]:
             bs = _benchmark_session(config)
-            path = save_run(saving.storage_root / bs.machine_id, output, saving.name)
+            path = saving.saved = save_run(saving.storage_root / bs.machine_id, output, saving.name)
             lines.append(f"saved {len(output['benchmarks'])} benchmark(s) to the history: {path}")
         else:
             lines.append("nothing saved to the history: no benchmark ran")
