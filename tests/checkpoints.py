@@ -16,6 +16,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+# the package writes ComfyUI-layout VAE files with it (wan_pipeline.run.comfy_files); test_loading checks it against
+# diffusers' own converter
+from wan_pipeline.run.comfy_files import wan_vae_original_name
+
 FP8 = torch.float8_e4m3fn
 
 TINY_WAN = dict(
@@ -95,39 +99,6 @@ def wan_original_name(key: str) -> str:
                  ("ffn.net.2.", "ffn.2.")):
         rest = rest.replace(a, b)
     return f"blocks.{i}.{rest}"
-
-
-_RES = {"norm1.gamma": "residual.0.gamma", "conv1.weight": "residual.2.weight", "conv1.bias": "residual.2.bias",
-        "norm2.gamma": "residual.3.gamma", "conv2.weight": "residual.6.weight", "conv2.bias": "residual.6.bias",
-        "conv_shortcut.weight": "shortcut.weight", "conv_shortcut.bias": "shortcut.bias"}
-
-
-def wan_vae_original_name(key: str) -> str:
-    """Original Wan 2.1 VAE name of an AutoencoderKLWan tensor name (dim_mult [1,2,4,4], 2 res blocks)."""
-    fixed = {"quant_conv.weight": "conv1.weight", "quant_conv.bias": "conv1.bias",
-             "post_quant_conv.weight": "conv2.weight", "post_quant_conv.bias": "conv2.bias"}
-    if key in fixed:
-        return fixed[key]
-    side, rest = key.split(".", 1)
-    for a, b in (("conv_in.", "conv1."), ("norm_out.", "head.0."), ("conv_out.", "head.2.")):
-        if rest.startswith(a):
-            return f"{side}.{b}{rest[len(a):]}"
-    m = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", rest)
-    if m:
-        kind, i, tail = m.groups()
-        idx = 1 if kind == "attentions" else 2 * int(i)
-        return f"{side}.middle.{idx}.{_RES.get(tail, tail)}"
-    m = re.fullmatch(r"down_blocks\.(\d+)\.(.+)", rest)
-    if m:
-        return f"{side}.downsamples.{m.group(1)}.{_RES.get(m.group(2), m.group(2))}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", rest)
-    if m:
-        b, r, tail = m.groups()
-        return f"{side}.upsamples.{4 * int(b) + int(r)}.{_RES.get(tail, tail)}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.(.+)", rest)
-    if m:
-        return f"{side}.upsamples.{4 * int(m.group(1)) + 3}.{m.group(2)}"
-    raise ValueError(f"no original name for {key}")
 
 
 # ---------------------------------------------------------------------------------------------------------------

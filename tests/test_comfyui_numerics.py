@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from checkpoints import TINY_WAN, randomize, tiny_transformer, wan_original_name, write_wan_file
+from comfyui_server import comfyui_snapshot, extract_snapshot, torchvision_stub
 from safetensors.torch import save_file
 
 from wan_pipeline.run.conditioning import to_uint8_frames
@@ -24,13 +25,6 @@ from wan_pipeline.run.loading import load_expert_weights
 from wan_pipeline.run.precision import key_seed, stochastic_round_fp8
 
 FP8 = torch.float8_e4m3fn
-SNAPSHOT = Path(__file__).resolve().parents[1].parent / "shared" / "comfyui" / "ComfyUI-0.3.64-a125cd8.tar.gz"
-
-
-def comfyui_snapshot() -> Path:
-    """The ComfyUI 0.3.64 source tarball: $WAN_COMFYUI_SNAPSHOT, else ../shared/comfyui/ beside the checkout."""
-    env = os.environ.get("WAN_COMFYUI_SNAPSHOT")
-    return Path(env) if env else SNAPSHOT
 
 
 
@@ -150,38 +144,9 @@ def test_frames_are_truncated_like_save_video():
 # states with a 256-wide frequency embedding, so the tiny experts keep those and shrink the rest.
 COMFY_TINY_WAN = dict(attention_head_dim=128, in_channels=36, out_channels=16, text_dim=4096, freq_dim=256,
                       ffn_dim=64)
-# ComfyUI's imports beyond wan-bench's own that the Wan path needs (its requirements.txt names them).
-COMFY_DEPENDENCIES = ("torchsde", "av", "einops", "psutil", "scipy", "tqdm", "yaml", "PIL", "safetensors",
-                      "transformers", "sentencepiece", "tokenizers")
-
-
 @pytest.fixture(scope="session")
 def comfyui_tree(tmp_path_factory) -> Path:
-    """The snapshot extracted once under the pytest tmp root (kept between sessions there, keyed by its size and
-    time), or a skip naming what is missing."""
-    import importlib.util
-    import shutil
-    import tarfile
-
-    snapshot = comfyui_snapshot()
-    if not snapshot.is_file():
-        pytest.skip(f"ComfyUI snapshot not found at {snapshot} (set WAN_COMFYUI_SNAPSHOT)")
-    missing = [m for m in COMFY_DEPENDENCIES if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"ComfyUI's Wan path needs {', '.join(missing)} (pip install -e '.[test]')")
-    stat = snapshot.stat()
-    cache = tmp_path_factory.getbasetemp().parent / f"comfyui-{stat.st_size}-{int(stat.st_mtime)}"
-    root = cache / "ComfyUI"
-    if not (root / "nodes.py").is_file():
-        partial = Path(tmp_path_factory.mktemp("comfyui-extract"))
-        with tarfile.open(snapshot) as tar:
-            tar.extractall(partial, filter="data")
-        cache.mkdir(parents=True, exist_ok=True)
-        try:
-            (partial / "ComfyUI").rename(root)
-        except OSError:  # another session got there first
-            shutil.rmtree(partial, ignore_errors=True)
-    return root
+    return extract_snapshot(tmp_path_factory)
 
 
 COMFY_RUN = r'''
@@ -323,15 +288,7 @@ def test_fp8_scaled_generation_matches_comfyui_own_nodes(tmp_path, comfyui_tree,
     concat_mask[:, :, 0] = 0.0
     seed = 123
 
-    stub = []
-    if importlib.util.find_spec("torchvision") is None:  # imported beside the Wan path, never called on it
-        pkg = tmp_path / "stubs" / "torchvision"
-        pkg.mkdir(parents=True)
-        (pkg / "__init__.py").write_text('"""Stand-in for the test: the Wan path never calls torchvision."""\n'
-                                         "from . import models, transforms\n")
-        (pkg / "models.py").write_text("")
-        (pkg / "transforms.py").write_text("")
-        stub = [str(tmp_path / "stubs")]
+    stub = torchvision_stub(tmp_path / "stubs")
     job = dict(path=[str(comfyui_tree), *stub], dir=str(tmp_path), passes=passes, context=context,
                concat_latent_image=concat_latent_image, concat_mask=concat_mask, seed=seed,
                latent=torch.zeros(1, 16, t, h, w), out=str(tmp_path / "comfy_out.pt"))

@@ -22,6 +22,9 @@ HEAVY = ("torch", "diffusers", "transformers", "accelerate")
 NO_TORCH = {"errors", "fsutil", "plan", "measure", "history"}
 # Layers that import it only inside the functions that run a model (so importing them stays cheap).
 TORCH_IN_FUNCTIONS_ONLY = {"launch", "suite", "cli"}
+# Modules of higher layers that never import it, not even inside a function: the ComfyUI server does the work.
+TORCH_FREE_MODULES = ("wan_pipeline.run.comfyui", "wan_pipeline.run.comfyui.client", "wan_pipeline.run.comfyui.case",
+                      "wan_pipeline.suite.comfyui", "wan_pipeline.cli.comfyui")
 
 
 def module_name(path: Path) -> str:
@@ -91,7 +94,7 @@ def test_the_model_stack_is_imported_only_where_a_model_runs():
         for target, at_top, line in imports_of(module):
             if target.split(".")[0] not in HEAVY:
                 continue
-            if name in NO_TORCH or (at_top and name in TORCH_IN_FUNCTIONS_ONLY):
+            if name in NO_TORCH or module in TORCH_FREE_MODULES or (at_top and name in TORCH_IN_FUNCTIONS_ONLY):
                 wrong.append(f"{MODULES[module].relative_to(ROOT)}:{line}: imports {target}"
                              + (" at module level" if at_top else ""))
     assert not wrong, "\n".join(wrong)
@@ -150,7 +153,11 @@ NO_TORCH_COMMANDS = {
     "report": ["report", "{storage}", "--out", "{tmp}/report"],
     "metrics-help": ["metrics", "--help"],
     "budgets": ["budgets", "--from", str(ROOT / "docs" / "results"), "--out", "{tmp}/budgets.toml"],
+    # a ComfyUI server that is not there: one clear error (exit 2), and no model stack loaded on the way
+    "run-comfyui-unreachable": ["run", "--comfyui", "http://127.0.0.1:9", "--workflow",
+                                str(FIXTURES / "users_variant.json")],
 }
+EXIT_CODES = {"compare": 1, "run-comfyui-unreachable": 2}
 
 
 def benchmark_file(day: int, seconds: list[float]) -> dict:
@@ -184,7 +191,15 @@ def test_commands_that_need_no_model_never_import_torch(name, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=str(tmp_path), capture_output=True,
                           text=True, timeout=300)
     # compare exits 1 on a regression (the second run is 10 % slower): the command ran to its verdict
-    assert proc.returncode == (1 if name == "compare" else 0), \
+    assert proc.returncode == EXIT_CODES.get(name, 0), \
         f"wan-bench {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
     heavy = [line for line in proc.stdout.splitlines() if line.startswith("HEAVY=")]
     assert heavy == ["HEAVY=[]"], f"wan-bench {' '.join(args)} imported {heavy}"
+
+
+def test_the_comfyui_backend_imports_without_the_model_stack():
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in TORCH_FREE_MODULES)
+            + "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'accelerate') if m in sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", proc.stdout

@@ -17,7 +17,13 @@ from wan_pipeline.suite.options import clip_format, quality_metrics_wanted
 
 @pytest.mark.wan(measured_against_reference=True)
 def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budgets, wan_report,
-                    wan_single_gpu_outputs, wan_missing_budgets):
+                    wan_single_gpu_outputs, wan_missing_budgets, request):
+    if getattr(wan_case, "backend", None) == "comfyui":  # --wan-comfyui: the case runs on that server
+        from wan_pipeline.suite.comfyui import run_comfyui_case
+
+        run_comfyui_case(benchmark, wan_case, request.getfixturevalue("wan_comfyui"), wan_options, wan_budgets,
+                         wan_report)
+        return
     with out_of_memory_isolation(wan_case, wan_model_cache):
         loads_before = len(wan_model_cache.loads)
         plan, prepared = wan_model_cache.prepare(wan_case.config, wan_case.mode)

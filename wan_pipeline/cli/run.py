@@ -165,11 +165,17 @@ def configure_run_parser(p: argparse.ArgumentParser) -> None:
                    help="sequence-parallel (Ulysses) generation over N local GPUs via torchrun, compared with the "
                         "one-GPU run of the same preset")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds per run with --gpus (default 3)")
+    p.add_argument("--comfyui", metavar="URL", default=os.environ.get("WAN_COMFYUI_URL"),
+                   help="run the --workflow on this ComfyUI server (one generation; default: $WAN_COMFYUI_URL)")
 
 
 def run_run(args: argparse.Namespace) -> int:
     from wan_pipeline.plan.config import default_allocator_settings
 
+    if getattr(args, "comfyui", None):
+        from wan_pipeline.cli.comfyui import run_on_server
+
+        return run_on_server(args)
     default_allocator_settings()
     from wan_pipeline.run.pipeline import run_and_save
 

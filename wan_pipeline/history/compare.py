@@ -33,7 +33,7 @@ DEFAULT_ALPHA = 0.01
 # machine_info keys whose change says nothing about the setup (they move from one read to the next).
 _VOLATILE_MACHINE_KEYS = re.compile(
     r"^(cpu\.hz_actual.*|gpu\.(memory_used_bytes|sm_clock_mhz|mem_clock_mhz|temperature_c|power_w|pstate|"
-    r"clock_event_mask|clock_event_reasons|violation_ns.*)|wan_env(\..*)?)$"
+    r"clock_event_mask|clock_event_reasons|violation_ns.*)|wan_env(\..*)?|comfyui(\..*)?)$"
 )
 # machine_info keys the environment fingerprint records too (kernel, python, system, driver): left to the fingerprint,
 # so that one upgrade is one line, not two.
@@ -387,7 +387,9 @@ def setup_changes(before: Run, after: Run) -> tuple[list[Change], list[Change]]:
     machine = diff_fields(before.machine_info, after.machine_info, _VOLATILE_MACHINE_KEYS, prefix="machine:")
     if before.env and after.env:
         machine = [c for c in machine if not _FINGERPRINTED_MACHINE_KEYS.match(c.field[len("machine:"):])]
-    return env, machine
+    from wan_pipeline.history.comfyui import comfyui_changes  # the server's own changes, in a user's words
+
+    return env, machine + comfyui_changes(before.machine_info.get("comfyui"), after.machine_info.get("comfyui"))
 
 
 def run_changes(before: Run, after: Run, benchmark: str | None = None) -> list[Change]:

@@ -82,10 +82,14 @@ def memory_skips(cases, options: WanOptions, stock: bool = False) -> dict[str, s
     return unfit
 
 
-def build_cases(options: WanOptions):
+def build_cases(options: WanOptions, config=None):
     from wan_pipeline.run.case import WanCase
     from wan_pipeline.run.models import resolve_run_precision
 
+    if options.comfyui:
+        from wan_pipeline.suite.comfyui import build_comfy_cases
+
+        return build_comfy_cases(options, config)
     mode = resolved_mode(options)
     if options.workflow:
         from wan_pipeline.plan.comfy import load_workflow_configs, locate_input_image, workflow_matrix

@@ -169,6 +169,14 @@ _OPTIONS = (
     ("--wan-sp", "WAN_SP", "1", _integer(1),
      "sequence parallel: rerun the session as N torchrun ranks (NCCL, one per GPU); every case runs on one GPU and "
      "split over N (Ulysses), with speed-up and scaling efficiency"),
+    ("--wan-comfyui", "WAN_COMFYUI_URL", "", _optional,
+     "run --wan-workflow's matrix on this ComfyUI server (http://HOST:PORT) instead of the in-process pipeline"),
+    ("--wan-comfyui-rounds", "WAN_COMFYUI_ROUNDS", "warm", _one_of(("warm", "cold")),
+     "ComfyUI rounds: warm (default: a new noise seed each round, as a user's next generation) or cold (POST /free "
+     "before each: models unloaded, cache dropped)"),
+    ("--wan-comfyui-timeout", "WAN_COMFYUI_TIMEOUT", "600", _seconds,
+     "seconds without an event from the ComfyUI server before a round counts as hung and is interrupted "
+     "(default 600; 0: no limit)"),
 )
 
 ROUNDS_ENV = "WAN_ROUNDS"
@@ -217,6 +225,9 @@ class WanOptions:
     gpus: str | None = None
     gpus_timeout: float | None = None
     benchmark_only: bool = False  # pytest-benchmark's --benchmark-only: a benchmark run, not a test run
+    comfyui: str | None = None  # a ComfyUI server's URL: the backend of every case
+    comfyui_rounds: str = "warm"
+    comfyui_timeout: float | None = 600.0  # None: no limit
 
 
 OPTIONS_KEY = pytest.StashKey[WanOptions]()
@@ -232,8 +243,10 @@ def wan_options(config) -> WanOptions:
             precision=get("wan_precision") or ("auto",), compile=get("wan_compile"),
             rounds=get("benchmark_min_rounds", 5), warmup=get("wan_warmup"), workflow=get("wan_workflow"),
             video=get("wan_video"), sequence_parallel=get("wan_sp"), residency=get("wan_residency"),
-            vae_bands=get("wan_vae_bands"), memory_cap=get("wan_memory_cap"), lora_rounding=get("wan_lora_rounding"), gpus=get("wan_gpus"),
-            gpus_timeout=get("wan_gpus_timeout"), benchmark_only=bool(get("benchmark_only", False)))
+            vae_bands=get("wan_vae_bands"), memory_cap=get("wan_memory_cap"), lora_rounding=get("wan_lora_rounding"),
+            gpus=get("wan_gpus"), gpus_timeout=get("wan_gpus_timeout"), benchmark_only=bool(get("benchmark_only", False)),
+            comfyui=get("wan_comfyui"), comfyui_rounds=get("wan_comfyui_rounds"),
+            comfyui_timeout=get("wan_comfyui_timeout"))
     return config.stash[OPTIONS_KEY]
 
 

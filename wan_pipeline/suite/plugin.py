@@ -12,6 +12,7 @@ import pytest
 from wan_pipeline.suite import outcomes, saving
 from wan_pipeline.suite.cases import (References, add_stock_speedups, build_cases, case_of, memory_skips,
                                       stock_cases)
+from wan_pipeline.suite.comfyui import machine_info_entry, wan_comfyui  # noqa: F401
 # pytest finds fixtures on the plugin module: the session fixtures are imported into it.
 from wan_pipeline.suite.fixtures import (report_lines, wan_budgets,  # noqa: F401
                                          wan_forward_references, wan_missing_budgets, wan_model_cache,
@@ -138,6 +139,9 @@ def pytest_benchmark_update_machine_info(config, machine_info):
     cap = options_of(config).memory_cap
     machine_info["wan_memory_cap"] = config.stash.get(MEMORY_CAP_KEY, None) or (
         None if cap is None else {"cap_bytes": cap, "applied": False, "why": "capped in the --wan-gpus workers"})
+    comfyui = machine_info_entry(config)
+    if comfyui is not None:
+        machine_info["comfyui"] = comfyui
 
 
 def pytest_generate_tests(metafunc):
@@ -148,7 +152,7 @@ def pytest_generate_tests(metafunc):
 
     options = options_of(metafunc.config)
     try:
-        cases = build_cases(options)
+        cases = build_cases(options, metafunc.config)
         if wanted[0] == "wan_stock_case":
             cases = stock_cases(cases)
         unfit = memory_skips(cases, options, stock=wanted[0] == "wan_stock_case")
@@ -171,7 +175,7 @@ def pytest_collection_modifyitems(session, config, items):
     def load_order(indexed):
         index, item = indexed
         case = case_of(item)
-        if case is None:
+        if case is None or getattr(case, "backend", None) == "comfyui":
             return (0, "", index)
         return (1, repr(ModelSetKey.for_run(case.config, case.mode, None).weights()), index)
 
