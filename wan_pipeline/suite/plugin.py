@@ -78,6 +78,7 @@ def pytest_configure(config):
             raise _usage_error("--wan-sp", exc) from None
     saving.configure_storage(config, gpu_slug(gpu_snapshot()))
     config.stash[REFERENCES_KEY] = References()
+    saving.track_completeness(config)
     shard, progress = config.getoption("wan_shard"), config.getoption("wan_progress")
     if shard or progress:
         config.pluginmanager.register(ShardWorker(shard, progress), "wan-shard-worker")
@@ -169,6 +170,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 
     found = output_json.get("benchmarks", [])
     lines = add_scaling_to_json(found) + add_stock_speedups(found, config.stash[REFERENCES_KEY])
+    lines += saving.mark_incomplete(config, output_json)
     report = report_lines(config)
     report.extend(line for line in lines if line not in report)  # the JSON and the history save both call this
 

@@ -16,7 +16,7 @@ needs it).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,78 @@ class Saving:
 
 
 SAVING_KEY = pytest.StashKey[Saving]()
+
+# The top-level key of a session JSON that did not run to the end (the benchmark entries are left as they are).
+INCOMPLETE_KEY = "wan_incomplete"
+
+
+@dataclass(eq=False)  # registered as a plugin: hashed by identity
+class Completeness:
+    """Whether the session ran every collected test to a pass or a skip: pytest's own reports, its exit status and
+    its stop flags (`-x`, `--maxfail`, Ctrl-C, a timeout's signal). A partial session is saved marked incomplete,
+    so that `wan-bench compare` never takes it for a clean run."""
+
+    collected: list[str] = field(default_factory=list)
+    finished: set[str] = field(default_factory=set)
+    failed: list[str] = field(default_factory=list)
+    stopped: str | None = None
+    exitstatus: int | None = None
+
+    def pytest_collection_finish(self, session):
+        self.collected = [item.nodeid for item in session.items]
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed and report.nodeid not in self.failed:
+            self.failed.append(report.nodeid)
+        if report.when == "call" or report.skipped or report.failed:
+            self.finished.add(report.nodeid)
+
+    def pytest_keyboard_interrupt(self, excinfo):
+        self.stopped = f"interrupted ({excinfo.typename})"
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)  # before pytest-benchmark's wrapper writes its JSON
+    def pytest_sessionfinish(self, session, exitstatus):
+        self.exitstatus = int(exitstatus)
+        reason = session.shouldstop or session.shouldfail
+        if self.stopped is None and reason:
+            self.stopped = f"stopped early: {reason}"
+        if self.stopped is None and int(exitstatus) == int(pytest.ExitCode.INTERRUPTED):
+            self.stopped = "interrupted"
+        yield
+
+    def problems(self) -> dict | None:
+        """What makes the session partial, for the JSON's `wan_incomplete` key; None for a complete session."""
+        not_run = [n for n in self.collected if n not in self.finished]
+        if not (self.stopped or self.failed or not_run):
+            return None
+        reasons = [self.stopped] if self.stopped else []
+        if self.failed:
+            reasons.append(f"{len(self.failed)} test(s) failed")
+        if not_run:
+            reasons.append(f"{len(not_run)} collected test(s) did not run")
+        return {"reasons": reasons, "failed": list(self.failed), "not_run": not_run, "exitstatus": self.exitstatus}
+
+
+COMPLETENESS_KEY = pytest.StashKey[Completeness]()
+
+
+def track_completeness(config) -> Completeness:
+    tracker = Completeness()
+    config.stash[COMPLETENESS_KEY] = tracker
+    config.pluginmanager.register(tracker, "wan-completeness")
+    return tracker
+
+
+def mark_incomplete(config, output_json: dict) -> list[str]:
+    """Mark a session JSON of a partial session (in place); returns summary lines saying why."""
+    tracker = config.stash.get(COMPLETENESS_KEY, None)
+    problems = tracker.problems() if tracker is not None else None
+    if problems is None:
+        output_json.pop(INCOMPLETE_KEY, None)
+        return []
+    output_json[INCOMPLETE_KEY] = problems
+    return [f"this session is marked incomplete in its JSON ({'; '.join(problems['reasons'])}): wan-bench compare "
+            "fails on it"]
 
 
 def file_storage_root(storage: str) -> Path | None:
