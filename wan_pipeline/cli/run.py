@@ -8,7 +8,7 @@ import os
 
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.plan.config import (ATTENTION_BACKENDS, LORA_ROUNDINGS, MODES, PRECISIONS, RESIDENCIES, RunConfig,
-                                      compile_values)
+                                      compile_values, seed_value, vae_bands_value)
 from wan_pipeline.plan.plan import Plan, make_plan
 from wan_pipeline.plan.presets import PRESETS, get_preset
 
@@ -27,10 +27,10 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
                         "or nearest")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="regional torch.compile of the transformer blocks (default: $TORCH_COMPILE)")
-    p.add_argument("--seed", type=int, help="noise seed (default: the preset's)")
+    p.add_argument("--seed", type=seed_value, help="noise seed, 0 to 2**64-1 as in ComfyUI (default: the preset's)")
     p.add_argument("--residency", choices=RESIDENCIES,
                    help="what stays on the GPU (default auto: everything that fits)")
-    p.add_argument("--vae-bands", type=int, metavar="N",
+    p.add_argument("--vae-bands", type=vae_bands_value, metavar="N",
                    help="VAE in N bands of rows one after another, as ComfyUI's tiled VAE nodes (default 1)")
 
 
@@ -64,7 +64,14 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
         overrides["residency"] = args.residency
     if args.vae_bands is not None:
         overrides["vae_bands"] = args.vae_bands
-    return [c.replace(**overrides) for c in configs]
+    configs = [c.replace(**overrides) for c in configs]
+    import warnings
+
+    for config in configs:  # bounds checked where the values enter; geometry snapping warns where it is planned
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config.validate()
+    return configs
 
 
 def configure_plan_parser(p: argparse.ArgumentParser) -> None:
@@ -97,15 +104,29 @@ def format_plan(plan: Plan) -> str:
 
 
 def resolve_mode_for_plan(requested: str, models_dir: str | None) -> str:
-    if requested != "auto":
-        return requested
-    from wan_pipeline.run.model_files import resolve_mode  # no torch: planning needs no model
+    return mode_and_reason(requested, models_dir)[0]
 
-    return resolve_mode("auto", models_dir)
+
+def mode_and_reason(requested: str, models_dir: str | None) -> tuple[str, str]:
+    """The model source and why; a models folder given to auto must be complete (an error names what is missing)."""
+    if requested != "auto":
+        return requested, "--mode"
+    from wan_pipeline.run.model_files import auto_mode  # no torch: planning needs no model
+
+    return auto_mode(models_dir)
+
+
+def announce_mode(requested: str, models_dir: str | None) -> str:
+    """Resolve the mode and say it on stderr, at the top of the command's output (stdout stays the result)."""
+    import sys
+
+    mode, reason = mode_and_reason(requested, models_dir)
+    print(f"wan-bench: {mode} models ({reason})", file=sys.stderr, flush=True)
+    return mode
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    mode = resolve_mode_for_plan(args.mode, args.models)
+    mode = announce_mode(args.mode, args.models)
     plans = [make_plan(c, mode) for c in configs_from_args(args)]
     if args.json:
         out = [p.to_json() for p in plans]
@@ -129,10 +150,10 @@ def run_run(args: argparse.Namespace) -> int:
     from wan_pipeline.plan.config import default_allocator_settings
 
     default_allocator_settings()
+    mode = announce_mode(args.mode, args.models)
+    configs = configs_from_args(args)  # bad values are refused before torch is imported
     from wan_pipeline.run.pipeline import run_and_save
 
-    configs = configs_from_args(args)
-    mode = resolve_mode_for_plan(args.mode, args.models)
     if args.gpus is not None:
         return run_sequence_parallel_cli(args, configs, mode)
     for config in configs:

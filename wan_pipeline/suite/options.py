@@ -113,6 +113,12 @@ def _gpus(value: str) -> str | None:
     return str(value).strip()
 
 
+def _vae_bands(value: str) -> int:
+    from wan_pipeline.plan.config import vae_bands_value
+
+    return vae_bands_value(value)
+
+
 def _optional(value: str) -> str | None:
     return value or None
 
@@ -148,7 +154,7 @@ _OPTIONS = (
     ("--wan-residency", "WAN_RESIDENCY", "auto", _one_of(RESIDENCIES),
      "what stays on the GPU: auto (default: everything that fits), resident, offload-text-encoder or "
      "offload-idle-expert"),
-    ("--wan-vae-bands", "WAN_VAE_BANDS", "1", _integer(1),
+    ("--wan-vae-bands", "WAN_VAE_BANDS", "1", _vae_bands,
      "run the VAE in N bands of rows one after another, as ComfyUI's tiled VAE nodes (less memory; default 1: the "
      "whole frame)"),
     ("--wan-sp", "WAN_SP", "1", _integer(1),

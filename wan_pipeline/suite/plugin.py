@@ -18,6 +18,7 @@ from wan_pipeline.suite.fixtures import (report_lines, wan_budgets,  # noqa: F40
 from wan_pipeline.suite.matrix import MatrixController, ShardWorker, full_args
 from wan_pipeline.suite.options import add_options, rounds_arguments
 from wan_pipeline.suite.options import wan_options as options_of
+from wan_pipeline.suite.startup import check_option_files
 
 REFERENCES_KEY = pytest.StashKey[References]()
 
@@ -71,6 +72,7 @@ def pytest_configure(config):
 
     options = options_of(config)
     default_allocator_settings()
+    check_option_files(options)  # budgets, workflow and models folder: usage errors before anything runs
     if options.sequence_parallel > 1 and in_torchrun_rank():
         try:
             check_world_size(options.sequence_parallel)
