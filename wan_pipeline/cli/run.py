@@ -156,12 +156,27 @@ def run_run(args: argparse.Namespace) -> int:
 
     if args.gpus is not None:
         return run_sequence_parallel_cli(args, configs, mode)
-    for config in configs:
-        record = run_and_save(config, mode=mode, models_dir=args.models, out_dir=args.out,
-                              video_format=args.format, progress=True)
-        print(f"{config.name}: {record['total_seconds']:.2f} s ({mode}); video {record['video']}; "
-              f"record {record['record']}")
+    kept: list[str] = []
+    try:
+        for config in configs:
+            record = run_and_save(config, mode=mode, models_dir=args.models, out_dir=args.out,
+                                  video_format=args.format, progress=True)
+            kept += [str(record["video"]), str(record["record"])] if record.get("video") else [str(record["record"])]
+            print(f"{config.name}: {record['total_seconds']:.2f} s ({mode}); video {record['video']}; "
+                  f"record {record['record']}")
+    except KeyboardInterrupt:
+        from wan_pipeline.cli.main import Interrupted
+
+        raise Interrupted(interrupt_message(kept, args.out)) from None
     return 0
+
+
+def interrupt_message(kept: list[str], out: str) -> str:
+    """The one line Ctrl-C leaves: what was kept (files are written atomically, so none is half-written)."""
+    if kept:
+        return (f"interrupted; kept {len(kept)} file(s) of the finished generation(s) in {out}: {', '.join(kept)}; "
+                "the interrupted generation wrote nothing")
+    return f"interrupted before any generation finished; nothing was written to {out}"
 
 
 def run_sequence_parallel_cli(args: argparse.Namespace, configs: list[RunConfig], mode: str) -> int:

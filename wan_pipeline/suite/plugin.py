@@ -18,6 +18,7 @@ from wan_pipeline.suite.fixtures import (report_lines, wan_budgets,  # noqa: F40
 from wan_pipeline.suite.matrix import MatrixController, ShardWorker, full_args
 from wan_pipeline.suite.options import add_options, rounds_arguments
 from wan_pipeline.suite.options import wan_options as options_of
+from wan_pipeline.suite.progress import track_progress, wan_round_progress  # noqa: F401
 from wan_pipeline.suite.startup import check_option_files
 
 REFERENCES_KEY = pytest.StashKey[References]()
@@ -81,6 +82,7 @@ def pytest_configure(config):
     saving.configure_storage(config, gpu_slug(gpu_snapshot()))
     config.stash[REFERENCES_KEY] = References()
     saving.track_completeness(config)
+    track_progress(config)
     shard, progress = config.getoption("wan_shard"), config.getoption("wan_progress")
     if shard or progress:
         config.pluginmanager.register(ShardWorker(shard, progress), "wan-shard-worker")
