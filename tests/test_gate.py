@@ -112,3 +112,19 @@ def test_an_incomplete_run_is_never_a_clean_baseline_or_current(tmp_path, capsys
     capsys.readouterr()
     assert main(["compare", str(folder)]) == 0
     assert "baseline: " + str(folder / "0001_run.json") in capsys.readouterr().out
+
+
+def test_a_gpu_matrix_controller_counts_its_workers_failed_and_unfinished_cases():
+    from types import SimpleNamespace
+
+    from wan_pipeline.suite.saving import Completeness
+
+    tracker = Completeness(collected=["kept"], finished={"kept"})
+    assert tracker.problems() is None
+    ok = SimpleNamespace(index=0, device=SimpleNamespace(label="GPU 0"), status="ok", nodeids=["a"],
+                         outcomes={"a": "passed"})
+    assert tracker.problems([ok]) is None
+    died = SimpleNamespace(index=1, device=SimpleNamespace(label="GPU 1"), status="died", nodeids=["b", "c"],
+                           outcomes={"b": "failed"})
+    marked = tracker.problems([ok, died])
+    assert marked["failed"] == ["b"] and marked["not_run"] == ["c"] and "worker 1 (GPU 1): died" in marked["reasons"]

@@ -72,17 +72,24 @@ class Completeness:
             self.stopped = "interrupted"
         yield
 
-    def problems(self) -> dict | None:
-        """What makes the session partial, for the JSON's `wan_incomplete` key; None for a complete session."""
+    def problems(self, workers: list | None = None) -> dict | None:
+        """What makes the session partial, for the JSON's `wan_incomplete` key; None for a complete one. `workers`:
+        a --wan-gpus controller's WorkerResults, whose failed and unfinished cases count as this session's."""
+        failed = list(self.failed)
         not_run = [n for n in self.collected if n not in self.finished]
-        if not (self.stopped or self.failed or not_run):
-            return None
         reasons = [self.stopped] if self.stopped else []
-        if self.failed:
-            reasons.append(f"{len(self.failed)} test(s) failed")
+        for worker in workers or []:
+            failed += [n for n, outcome in worker.outcomes.items() if outcome == "failed" and n not in failed]
+            not_run += [n for n in worker.nodeids if n not in worker.outcomes]
+            if worker.status != "ok":
+                reasons.append(f"worker {worker.index} ({worker.device.label}): {worker.status}")
+        if not (reasons or failed or not_run):
+            return None
+        if failed:
+            reasons.append(f"{len(failed)} test(s) failed")
         if not_run:
             reasons.append(f"{len(not_run)} collected test(s) did not run")
-        return {"reasons": reasons, "failed": list(self.failed), "not_run": not_run, "exitstatus": self.exitstatus}
+        return {"reasons": reasons, "failed": failed, "not_run": not_run, "exitstatus": self.exitstatus}
 
 
 COMPLETENESS_KEY = pytest.StashKey[Completeness]()
@@ -98,7 +105,8 @@ def track_completeness(config) -> Completeness:
 def mark_incomplete(config, output_json: dict) -> list[str]:
     """Mark a session JSON of a partial session (in place); returns summary lines saying why."""
     tracker = config.stash.get(COMPLETENESS_KEY, None)
-    problems = tracker.problems() if tracker is not None else None
+    matrix = config.pluginmanager.get_plugin("wan-gpu-matrix")  # a --wan-gpus controller: its workers count too
+    problems = tracker.problems(getattr(matrix, "results", None)) if tracker is not None else None
     if problems is None:
         output_json.pop(INCOMPLETE_KEY, None)
         return []
