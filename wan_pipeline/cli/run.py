@@ -38,7 +38,7 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     if args.workflow:
         from wan_pipeline.plan.comfy import load_workflow_configs, locate_input_image
 
-        mode = resolve_mode_for_plan(args.mode, args.models)
+        mode = resolve_mode_for_plan(args.mode, args.models, args.workflow)
         configs = [locate_input_image(c, args.workflow, args.models, mode)
                    for c in load_workflow_configs(args.workflow)]
     else:
@@ -103,30 +103,36 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def resolve_mode_for_plan(requested: str, models_dir: str | None) -> str:
-    return mode_and_reason(requested, models_dir)[0]
+def resolve_mode_for_plan(requested: str, models_dir: str | None, workflow: str | None = None) -> str:
+    return mode_and_reason(requested, models_dir, workflow)[0]
 
 
-def mode_and_reason(requested: str, models_dir: str | None) -> tuple[str, str]:
-    """The model source and why; a models folder given to auto must be complete (an error names what is missing)."""
+def mode_and_reason(requested: str, models_dir: str | None, workflow: str | None = None) -> tuple[str, str]:
+    """The model source and why; a models folder given to auto must be complete for the preset or the workflow's
+    files (an error names what is missing)."""
     if requested != "auto":
         return requested, "--mode"
     from wan_pipeline.run.model_files import auto_mode  # no torch: planning needs no model
 
-    return auto_mode(models_dir)
+    configs = None
+    if workflow and models_dir:
+        from wan_pipeline.plan.comfy import load_workflow_configs
+
+        configs = load_workflow_configs(workflow)
+    return auto_mode(models_dir, configs)
 
 
-def announce_mode(requested: str, models_dir: str | None) -> str:
+def announce_mode(requested: str, models_dir: str | None, workflow: str | None = None) -> str:
     """Resolve the mode and say it on stderr, at the top of the command's output (stdout stays the result)."""
     import sys
 
-    mode, reason = mode_and_reason(requested, models_dir)
+    mode, reason = mode_and_reason(requested, models_dir, workflow)
     print(f"wan-bench: {mode} models ({reason})", file=sys.stderr, flush=True)
     return mode
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    mode = announce_mode(args.mode, args.models)
+    mode = announce_mode(args.mode, args.models, args.workflow)
     plans = [make_plan(c, mode) for c in configs_from_args(args)]
     if args.json:
         out = [p.to_json() for p in plans]
@@ -150,7 +156,7 @@ def run_run(args: argparse.Namespace) -> int:
     from wan_pipeline.plan.config import default_allocator_settings
 
     default_allocator_settings()
-    mode = announce_mode(args.mode, args.models)
+    mode = announce_mode(args.mode, args.models, args.workflow)
     configs = configs_from_args(args)  # bad values are refused before torch is imported
     from wan_pipeline.run.pipeline import run_and_save
 

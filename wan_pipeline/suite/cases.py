@@ -26,7 +26,12 @@ def mode_and_reason(options: WanOptions) -> tuple[str, str]:
         return options.mode, "--wan-mode / WAN_MODE"
     if not options.benchmark_only:
         return "tiny", "auto in a test run; --benchmark-only times synthetic or real models"
-    return auto_mode(options.models_dir)  # a models folder given and unusable: an error naming the file
+    configs = None
+    if options.workflow and options.models_dir:  # the workflow's own file names, not the presets'
+        from wan_pipeline.plan.comfy import load_workflow_configs
+
+        configs = load_workflow_configs(options.workflow)
+    return auto_mode(options.models_dir, configs)  # a models folder given and unusable: an error naming the file
 
 
 def resolved_mode(options: WanOptions) -> str:
