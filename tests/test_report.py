@@ -1,6 +1,9 @@
 """report: HTML + markdown with plots from a storage folder."""
 
 import base64
+import html
+import subprocess
+from pathlib import Path
 import json
 import re
 
@@ -11,9 +14,9 @@ from wan_pipeline.cli.main import main
 from wan_pipeline.history.report import read_frames, write_report
 
 
-def _session(day, factor, rng, video=None, torch_version="2.11.0"):
+def _session(day, factor, rng, video=None, torch_version="2.11.0", mode="real"):
     data = list(60.0 * factor * (1 + 0.01 * rng.standard_normal(6)))
-    extra = {"preset": "seed-832x1216-49f", "mode": "synthetic",
+    extra = {"preset": "seed-832x1216-49f", "mode": mode,
              "stages": {"text_encode": 1.0, "image_encode": 2.0, "pass1": 24.0 * factor, "switch": 0.5,
                         "pass2": 24.0, "decode": 8.0},
              "peak_memory": {"torch_peak_bytes": 30 * 2**30, "nvml_used_bytes": 33 * 2**30},
@@ -97,3 +100,69 @@ def test_each_gpu_section_lists_only_its_own_images_when_one_slug_ends_another(t
     images = {gpu: re.findall(r"!\[[^\]]*\]\(([^)]+)\)", body) for gpu, body in sections.items()}
     assert images["H100"] and not any("a-h100" in n for n in images["H100"])
     assert images["A H100"] and all("a-h100" in n for n in images["A H100"])
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--virtual-time-budget=10000"]
+# Appended to a copy of the page only: records what the browser loaded (the report itself carries no script).
+IMAGE_PROBE = ("<script>window.addEventListener('load', () => { document.body.setAttribute('data-images', "
+               "JSON.stringify([...document.images].map(i => i.complete ? i.naturalWidth : -1))); });</script>")
+
+
+def chromium(tmp_path, *args):
+    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
+    profile.mkdir()
+    proc = subprocess.run([str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.mark.skipif(not CHROMIUM.is_file(), reason="headless browser check needs /usr/bin/chromium (Debian: "
+                                                   "apt-get install chromium)")
+def test_the_page_renders_in_a_browser_as_tables_and_loaded_images(storage, tmp_path):
+    out = tmp_path / "report"
+    write_report(storage, out)
+    page = (out / "index.html").read_text()
+    probe = out / "probe.html"
+    probe.write_text(page.replace("</body>", IMAGE_PROBE + "</body>"))
+    dom = chromium(tmp_path, "--dump-dom", probe.as_uri())
+    widths = json.loads(html.unescape(re.search(r'data-images="([^"]*)"', dom).group(1)))
+    assert len(widths) == page.count("<img") >= 4 and all(w > 0 for w in widths), widths  # every image loaded
+    text = re.sub(r"<[^>]+>", " ", re.sub(r"<(script|style)[^>]*>.*?</\1>", "", dom, flags=re.S))
+    assert "| --- |" not in text and "![" not in text and "](" not in text  # no raw markdown on the page
+    assert dom.count("<table>") >= 2 and "<th>benchmark</th>" in dom
+    shot = tmp_path / "page.png"
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1200,1600", (out / "index.html").as_uri())
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_no_empty_panels_and_quality_only_for_real_runs(tmp_path):
+    """A CPU history in tiny mode: no peak memory, no quality panel; the page says why instead of empty axes."""
+    rng = np.random.default_rng(2)
+    folder = tmp_path / "storage" / "cpu"
+    folder.mkdir(parents=True)
+    for day in (1, 2):
+        s = _session(day, 1.0, rng, mode="tiny")
+        s["machine_info"]["gpu"] = None
+        s["benchmarks"][0]["extra_info"]["peak_memory"] = {"torch_peak_bytes": 0}
+        s["benchmarks"][0]["extra_info"]["metrics"]["frames"] = 5
+        (folder / f"000{day}_run.json").write_text(json.dumps(s))
+    paths = write_report(tmp_path / "storage", tmp_path / "report")
+    names = {p.name for p in paths}
+    assert not any(n.startswith(("memory", "metrics")) for n in names)
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "*No peak memory panel: no peak memory above zero was recorded" in md
+    assert "*No quality metrics panel: no real-mode run" in md
+    assert "flicker_score" not in md  # tiny-mode metrics are not shown as quality
+
+
+def test_runs_are_labelled_by_date_and_commit():
+    from wan_pipeline.history.report import run_label
+    from wan_pipeline.history.runs import Run
+
+    run = Run(Path("0001_x.json"), {"datetime": "2026-11-03T04:05:06+00:00",
+                                    "commit_info": {"id": "75e974f8c2b8aa", "dirty": True}, "benchmarks": []})
+    assert run_label(run) == "2026-11-03 04:05\n75e974f8+"

@@ -162,7 +162,7 @@ def test_bad_option_values_are_usage_errors(inner, monkeypatch):
     monkeypatch.setenv("WAN_VAE_BANDS", "0")
     result = inner.runpytest_subprocess(*TINY, "--collect-only")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    assert "error: argument --wan-vae-bands: must be at least 1, got 0" in result.stderr.str()
+    assert "error: argument --wan-vae-bands: vae bands must be in [1, 256]" in result.stderr.str()
     assert "Traceback" not in result.stderr.str()
 
 
@@ -277,12 +277,15 @@ def test_a_benchmark_run_with_a_gpu_and_no_models_is_synthetic_and_says_why(monk
     from wan_pipeline.suite.cases import mode_and_reason
     from wan_pipeline.suite.options import WanOptions
 
-    monkeypatch.setattr(model_files, "resolve_mode", lambda requested, models_dir: "synthetic")
+    import wan_pipeline.measure.telemetry as telemetry
+
+    monkeypatch.setattr(telemetry, "cuda_available", lambda: True)
     options = WanOptions(mode="auto", models_dir=None, presets=(), budgets=None, out=Path("out"),
                          attention=("sdpa",), precision=("auto",), compile=(False,), rounds=5, warmup=1,
                          workflow=None, benchmark_only=True)
     assert mode_and_reason(options) == ("synthetic", "auto: a GPU is visible and no models folder "
                                                      "(--wan-models / WAN_MODELS_DIR)")
     folder = dataclasses.replace(options, models_dir=str(tmp_path))
-    assert mode_and_reason(folder) == ("synthetic", f"auto: a GPU is visible and no complete model set in {tmp_path}")
+    with pytest.raises(model_files.LoadingError, match="is not usable, so auto cannot run real weights"):
+        mode_and_reason(folder)  # a models folder given: never a quiet fall-back to random weights
     assert mode_and_reason(dataclasses.replace(options, benchmark_only=False))[0] == "tiny"  # a test run

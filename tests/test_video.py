@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -290,3 +291,34 @@ def test_auto_writes_webp_where_imageio_ffmpeg_is_missing(monkeypatch):
     assert clip_format("mp4", "tiny") == "mp4"  # asked for: the writer says what is missing
     monkeypatch.setattr(media, "mp4_writable", lambda: True)
     assert clip_format("auto", "real") == "mp4"
+@needs_ffmpeg
+@pytest.mark.parametrize("frames", [5, 49])
+def test_a_truncated_mp4_is_an_error_naming_the_frames_read_and_expected(tmp_path, frames):
+    rng = np.random.default_rng(frames)
+    clip = rng.integers(0, 256, (frames, 64, 64, 3), dtype=np.uint8)
+    path = write_video(clip, tmp_path / "clip.mp4", fps=16)
+    assert read_frames(path).shape[0] == frames  # the whole clip reads as it was written
+    data = path.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(VideoReadError, match=rf"cut.mp4: truncated: \d+ of {frames} frames read"):
+        read_frames(cut)
+    with pytest.warns(UserWarning, match=rf"truncated: \d+ of {frames} frames read"):
+        partial = read_frames(cut, allow_partial=True)
+    assert 0 < partial.shape[0] < frames
+
+
+@needs_ffmpeg
+def test_wan_bench_metrics_refuses_a_truncated_clip_unless_told(tmp_path, capsys):
+    from wan_pipeline.cli.main import main
+
+    rng = np.random.default_rng(0)
+    path = write_video(rng.integers(0, 256, (5, 64, 64, 3), dtype=np.uint8), tmp_path / "clip.mp4", fps=16)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert main(["metrics", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "wan-bench metrics: error: " in err and "of 5 frames read" in err and "Traceback" not in err
+    with pytest.warns(UserWarning, match="of 5 frames read"):  # printed as one `wan-bench: warning:` line
+        assert main(["metrics", str(path), "--allow-truncated", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["frames"] < 5

@@ -17,7 +17,7 @@ from wan_pipeline.suite.options import clip_format, quality_metrics_wanted
 
 @pytest.mark.wan(measured_against_reference=True)
 def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budgets, wan_report,
-                    wan_single_gpu_outputs, wan_missing_budgets, request):
+                    wan_single_gpu_outputs, wan_missing_budgets, wan_round_progress, request):
     if getattr(wan_case, "backend", None) == "comfyui":  # --wan-comfyui: the case runs on that server
         from wan_pipeline.suite.comfyui import run_comfyui_case
 
@@ -30,7 +30,8 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
         load_seconds = wan_model_cache.last_load_seconds if len(wan_model_cache.loads) > loads_before else 0.0
         run = CaseRun(plan, prepared)
         run.warm_up(wan_options.warmup if wan_model_cache.warm_up_needed(plan, prepared) else 0)
-        benchmark.pedantic(run.generate_once, rounds=wan_options.rounds, iterations=1)
+        benchmark.pedantic(wan_round_progress(run.generate_once, wan_options.rounds), rounds=wan_options.rounds,
+                           iterations=1)
         run.finish()
 
     last = run.rounds[-1]

@@ -49,6 +49,13 @@ def configure_compare_parser(p: argparse.ArgumentParser) -> None:
                    help=f"significance level of the one-sided Mann-Whitney U test (default {DEFAULT_ALPHA:g})")
     p.add_argument("--force", action="store_true", help="compare runs from different GPU models anyway")
     p.add_argument("--json", metavar="FILE", help="also write the verdict as JSON to FILE ('-' for stdout only)")
+    missing = p.add_mutually_exclusive_group()
+    missing.add_argument("--expect", action="append", metavar="PATTERN",
+                         help="a benchmark the current run must hold (fnmatch pattern on the full or short name; "
+                              "repeatable); with it, only these must be present (default: every benchmark of the "
+                              "baseline, exit 1 when one is missing)")
+    missing.add_argument("--allow-missing", action="store_true",
+                         help="accept a current run that lacks some benchmarks of the baseline")
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -56,7 +63,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from wan_pipeline.history.runs import pick_runs
 
     base, cur, skipped = pick_runs(args.baseline, args.current)
-    result = compare(base, cur, threshold=args.threshold, force=args.force, alpha=args.alpha)
+    result = compare(base, cur, threshold=args.threshold, force=args.force, alpha=args.alpha,
+                     expected=args.expect, allow_missing=args.allow_missing)
     result.skipped = skipped
     if args.json == "-":
         _emit_json(result.to_json(), "-")

@@ -26,8 +26,42 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+DESCRIPTION = ("Benchmark the Wan 2.2 image-to-video A14B two-pass pipeline (ComfyUI's KSamplerAdvanced pair) and "
+               "judge its history: plan, run, compare, trend, report, results, metrics.")
+EXAMPLES = """examples:
+  wan-bench plan --preset seed-832x1216-49f              the sigmas, hand-over and shapes (no model needed)
+  wan-bench run --preset seed-832x1216-49f --out out/    one generation: video and JSON record
+  wan-bench compare .benchmarks/<gpu-folder>             latest run against the one before: exit 1 on a regression
+  wan-bench compare BASE.json CUR.json --expect 'test_generation*'
+  wan-bench trend .benchmarks                            where each benchmark stepped, and what changed there
+  wan-bench report .benchmarks --out report/             report/index.html and summary.md
+  wan-bench metrics out/clip.mp4 --image start.png       temporal consistency of any clip
+
+the benchmark suite itself is pytest: python3 -m pytest --benchmark-only --benchmark-autosave tests/benchmarks
+exit status: 0 ok, 1 regression / partial run / out of memory, 2 bad input, 130 interrupted"""
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("wan-bench")
+    except PackageNotFoundError:  # a plain checkout on the path, not installed
+        return "unknown (not installed)"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with the one line saying what was kept."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wan-bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="wan-bench", description=DESCRIPTION, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -63,5 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wan-bench {args.command}: error: out of GPU memory: {first}. Try --precision fp8-scaled-mm or "
               f"fp8-upcast, a smaller preset, or free the card.", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        message = exc.message if isinstance(exc, Interrupted) else "interrupted; nothing half-written was left behind"
+        print(f"wan-bench {args.command}: {message}", file=sys.stderr)
         return 130

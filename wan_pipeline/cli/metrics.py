@@ -14,6 +14,9 @@ def configure_metrics_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("video", metavar="VIDEO", help="an mp4, webp or gif file, or a folder of PNG frames")
     p.add_argument("--image", metavar="IMAGE", help="the input image, to score the first frame against it")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON (stable keys)")
+    p.add_argument("--allow-truncated", action="store_true",
+                   help="score a clip holding fewer frames than its header says (a warning names both counts; "
+                        "without it that is an error, exit 2)")
 
 
 def _fmt(value, spec: str) -> str:
@@ -40,7 +43,7 @@ def format_metrics(result: dict, video: str, image: str | None, height: int, wid
 
 
 def run_metrics(args: argparse.Namespace) -> int:
-    frames = read_frames(args.video)
+    frames = read_frames(args.video, allow_partial=args.allow_truncated)
     image = read_image(args.image) if args.image else None
     start = time.perf_counter()
     result = compute_metrics(frames, image, name=str(args.video))

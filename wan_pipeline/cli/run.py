@@ -8,7 +8,7 @@ import os
 
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.plan.config import (ATTENTION_BACKENDS, LORA_ROUNDINGS, MODES, PRECISIONS, RESIDENCIES, RunConfig,
-                                      compile_values)
+                                      compile_values, seed_value, vae_bands_value)
 from wan_pipeline.plan.plan import Plan, make_plan
 from wan_pipeline.plan.presets import PRESETS, get_preset
 
@@ -27,10 +27,10 @@ def _add_source_arguments(p: argparse.ArgumentParser) -> None:
                         "or nearest")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="regional torch.compile of the transformer blocks (default: $TORCH_COMPILE)")
-    p.add_argument("--seed", type=int, help="noise seed (default: the preset's)")
+    p.add_argument("--seed", type=seed_value, help="noise seed, 0 to 2**64-1 as in ComfyUI (default: the preset's)")
     p.add_argument("--residency", choices=RESIDENCIES,
                    help="what stays on the GPU (default auto: everything that fits)")
-    p.add_argument("--vae-bands", type=int, metavar="N",
+    p.add_argument("--vae-bands", type=vae_bands_value, metavar="N",
                    help="VAE in N bands of rows one after another, as ComfyUI's tiled VAE nodes (default 1)")
     p.add_argument("--memory-cap", type=_memory_size, metavar="SIZE", default=os.environ.get("WAN_MEMORY_CAP") or None,
                    help="plan for (and, in run, cap the CUDA allocator at) SIZE, emulating a smaller card's memory: "
@@ -50,7 +50,7 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     if args.workflow:
         from wan_pipeline.plan.comfy import load_workflow_configs, locate_input_image
 
-        mode = resolve_mode_for_plan(args.mode, args.models)
+        mode = resolve_mode_for_plan(args.mode, args.models, args.workflow)
         configs = [locate_input_image(c, args.workflow, args.models, mode)
                    for c in load_workflow_configs(args.workflow)]
     else:
@@ -78,7 +78,14 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
         overrides["vae_bands"] = args.vae_bands
     if getattr(args, "memory_cap", None) is not None:
         overrides["memory_cap"] = args.memory_cap
-    return [c.replace(**overrides) for c in configs]
+    configs = [c.replace(**overrides) for c in configs]
+    import warnings
+
+    for config in configs:  # bounds checked where the values enter; geometry snapping warns where it is planned
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            config.validate()
+    return configs
 
 
 def configure_plan_parser(p: argparse.ArgumentParser) -> None:
@@ -133,16 +140,36 @@ def format_memory(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def resolve_mode_for_plan(requested: str, models_dir: str | None) -> str:
-    if requested != "auto":
-        return requested
-    from wan_pipeline.run.model_files import resolve_mode  # no torch: planning needs no model
+def resolve_mode_for_plan(requested: str, models_dir: str | None, workflow: str | None = None) -> str:
+    return mode_and_reason(requested, models_dir, workflow)[0]
 
-    return resolve_mode("auto", models_dir)
+
+def mode_and_reason(requested: str, models_dir: str | None, workflow: str | None = None) -> tuple[str, str]:
+    """The model source and why; a models folder given to auto must be complete for the preset or the workflow's
+    files (an error names what is missing)."""
+    if requested != "auto":
+        return requested, "--mode"
+    from wan_pipeline.run.model_files import auto_mode  # no torch: planning needs no model
+
+    configs = None
+    if workflow and models_dir:
+        from wan_pipeline.plan.comfy import load_workflow_configs
+
+        configs = load_workflow_configs(workflow)
+    return auto_mode(models_dir, configs)
+
+
+def announce_mode(requested: str, models_dir: str | None, workflow: str | None = None) -> str:
+    """Resolve the mode and say it on stderr, at the top of the command's output (stdout stays the result)."""
+    import sys
+
+    mode, reason = mode_and_reason(requested, models_dir, workflow)
+    print(f"wan-bench: {mode} models ({reason})", file=sys.stderr, flush=True)
+    return mode
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    mode = resolve_mode_for_plan(args.mode, args.models)
+    mode = announce_mode(args.mode, args.models, args.workflow)
     plans = [make_plan(c, mode) for c in configs_from_args(args)]
     if args.json:
         out = [p.to_json() for p in plans]
@@ -177,22 +204,37 @@ def run_run(args: argparse.Namespace) -> int:
 
         return run_on_server(args)
     default_allocator_settings()
+    mode = announce_mode(args.mode, args.models, args.workflow)
+    configs = configs_from_args(args)  # bad values are refused before torch is imported
     from wan_pipeline.run.pipeline import run_and_save
 
-    configs = configs_from_args(args)
-    mode = resolve_mode_for_plan(args.mode, args.models)
     if args.memory_cap is not None and args.gpus is None:
         from wan_pipeline.run.memory import apply_memory_cap  # before anything is allocated on the card
 
         apply_memory_cap(args.memory_cap)
     if args.gpus is not None:
         return run_sequence_parallel_cli(args, configs, mode)
-    for config in configs:
-        record = run_and_save(config, mode=mode, models_dir=args.models, out_dir=args.out,
-                              video_format=args.format, progress=True)
-        print(f"{config.name}: {record['total_seconds']:.2f} s ({mode}); video {record['video']}; "
-              f"record {record['record']}")
+    kept: list[str] = []
+    try:
+        for config in configs:
+            record = run_and_save(config, mode=mode, models_dir=args.models, out_dir=args.out,
+                                  video_format=args.format, progress=True)
+            kept += [str(record["video"]), str(record["record"])] if record.get("video") else [str(record["record"])]
+            print(f"{config.name}: {record['total_seconds']:.2f} s ({mode}); video {record['video']}; "
+                  f"record {record['record']}")
+    except KeyboardInterrupt:
+        from wan_pipeline.cli.main import Interrupted
+
+        raise Interrupted(interrupt_message(kept, args.out)) from None
     return 0
+
+
+def interrupt_message(kept: list[str], out: str) -> str:
+    """The one line Ctrl-C leaves: what was kept (files are written atomically, so none is half-written)."""
+    if kept:
+        return (f"interrupted; kept {len(kept)} file(s) of the finished generation(s) in {out}: {', '.join(kept)}; "
+                "the interrupted generation wrote nothing")
+    return f"interrupted before any generation finished; nothing was written to {out}"
 
 
 def run_sequence_parallel_cli(args: argparse.Namespace, configs: list[RunConfig], mode: str) -> int:

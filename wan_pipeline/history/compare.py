@@ -227,6 +227,9 @@ class Comparison:
     conditions: dict[str, tuple[Any, Any]]
     warnings: list[str] = field(default_factory=list)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    expected: list[str] | None = None  # the --expect patterns; None: every benchmark of the baseline is expected
+    allow_missing: bool = False
+    gate_failures: list[str] = field(default_factory=list)  # why the current run cannot pass, besides regressions
 
     @property
     def regressions(self) -> list[BenchmarkVerdict]:
@@ -234,7 +237,7 @@ class Comparison:
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.regressions else 0
+        return 1 if self.regressions or self.gate_failures else 0
 
     def changed_fields(self) -> list[str]:
         return [c.field for c in self.env_changes + self.machine_changes]
@@ -276,6 +279,9 @@ class Comparison:
             "machine_changes": change_list(self.machine_changes),
             "conditions": {k: {"baseline": a, "current": c} for k, (a, c) in self.conditions.items()},
             "warnings": self.warnings,
+            "gate_failures": self.gate_failures,
+            "baseline_incomplete": self.baseline.incomplete, "current_incomplete": self.current.incomplete,
+            "expected": self.expected, "allow_missing": self.allow_missing,
             "skipped_files": [{"path": str(p), "problem": why} for p, why in self.skipped],
         }
 
@@ -322,21 +328,53 @@ class Comparison:
             lines.append(f"  condition {key}: {_short(a)} -> {_short(c)}")
         regs = self.regressions
         lines.append("")
+        for failure in self.gate_failures:
+            lines.append(f"GATE: {failure}")
         if regs:
             lines.append(f"VERDICT: {len(regs)} regression(s): {', '.join(r.fullname for r in regs)}")
             for r in regs:
                 causes = self.likely_causes(r)
                 lines.append(f"  {r.fullname}: changed at the same time: {'; '.join(causes) if causes else 'nothing recorded'}")
+        elif self.gate_failures:
+            lines.append(f"VERDICT: not a clean comparison ({len(self.gate_failures)} problem(s) above); no "
+                         f"significant regression among the {len(self.benchmarks)} benchmark(s) compared")
         else:
             lines.append(f"VERDICT: no significant regression over {self.threshold * 100:g} % "
                          f"({len(self.benchmarks)} benchmark(s) compared)")
         return "\n".join(lines)
 
 
+def gate_failures(base: Run, cur: Run, expected: list[str] | None = None, allow_missing: bool = False) -> list[str]:
+    """Why a comparison cannot pass whatever the timings say: a run marked incomplete (interrupted, stopped early,
+    failed or unrun tests), or a benchmark of the baseline missing from the current run. `expected` (fnmatch
+    patterns on the benchmark names) narrows what must be present to the benchmarks matching them, and each
+    pattern must match a benchmark of the current run; `allow_missing` accepts a smaller current run."""
+    from fnmatch import fnmatchcase
+
+    failures = []
+    for which, run in (("current", cur), ("baseline", base)):
+        if run.incomplete is not None:
+            failures.append(f"the {which} run {run.path} is incomplete: {run.incomplete_reason()}")
+    if expected:
+        for pattern in expected:
+            if not any(fnmatchcase(k, pattern) or fnmatchcase(str(b.get("name")), pattern)
+                       for k, b in cur.benchmarks.items()):
+                failures.append(f"expected benchmark {pattern!r} is not in the current run {cur.path}")
+    elif not allow_missing:
+        missing = [k for k in base.benchmarks if k not in cur.benchmarks]
+        if missing:
+            failures.append(f"{len(missing)} benchmark(s) of the baseline missing from the current run: "
+                            f"{', '.join(missing)} (name the benchmarks to expect with --expect, or pass "
+                            "--allow-missing)")
+    return failures
+
+
 def compare(baseline: Run | str | Path, current: Run | str | Path, threshold: float = DEFAULT_THRESHOLD,
-            force: bool = False, alpha: float = DEFAULT_ALPHA) -> Comparison:
+            force: bool = False, alpha: float = DEFAULT_ALPHA, expected: list[str] | None = None,
+            allow_missing: bool = False) -> Comparison:
     """Compare two runs benchmark by benchmark. Raises GpuMismatchError for different GPU models or memory caps
-    (capped against uncapped, or two caps) unless `force`."""
+    (capped against uncapped, or two caps) unless `force`. The comparison fails (exit code 1) on a regression and
+    on any of `gate_failures`."""
     if not 0 <= threshold < 10:
         raise HistoryError(f"threshold {threshold!r} out of range (a fraction, e.g. 0.05 for 5 %)")
     if not 0 < alpha < 0.5:
@@ -376,7 +414,8 @@ def compare(baseline: Run | str | Path, current: Run | str | Path, threshold: fl
         baseline=base, current=cur, threshold=threshold, alpha=alpha, forced=force, benchmarks=verdicts,
         only_baseline=[k for k in bb if k not in cb], only_current=[k for k in cb if k not in bb],
         env_changes=env_changes, machine_changes=machine_changes,
-        conditions=conditions, warnings=warnings,
+        conditions=conditions, warnings=warnings, expected=list(expected) if expected else None,
+        allow_missing=allow_missing, gate_failures=gate_failures(base, cur, expected, allow_missing),
     )
 
 

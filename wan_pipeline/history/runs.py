@@ -18,6 +18,9 @@ from wan_pipeline.fsutil import atomic_write_bytes
 from wan_pipeline.measure.telemetry import gpu_slug
 
 DEFAULT_STORAGE = ".benchmarks"  # pytest-benchmark's own default --benchmark-storage
+# The top-level key the wan-bench plugin writes into the JSON of a session that did not run to the end
+# (interrupted, stopped early, failed or unrun tests); its benchmark entries are left as they are.
+INCOMPLETE_KEY = "wan_incomplete"
 
 
 class HistoryError(WanBenchError):
@@ -106,6 +109,18 @@ class Run:
             if isinstance(env, dict):
                 return env
         return {}
+
+    @property
+    def incomplete(self) -> dict | None:
+        """Why the session that wrote this file was partial (reasons, failed, not_run), or None for a complete one."""
+        value = self.data.get(INCOMPLETE_KEY)
+        if value is None:
+            return None
+        return value if isinstance(value, dict) else {"reasons": [str(value)]}
+
+    def incomplete_reason(self) -> str:
+        reasons = (self.incomplete or {}).get("reasons") or ["marked incomplete"]
+        return "; ".join(map(str, reasons))
 
     @property
     def label(self) -> str:
@@ -231,7 +246,7 @@ def pick_runs(baseline: str | Path | None, current: str | Path | None) -> tuple[
         if not same:
             raise HistoryError(f"{path}: no earlier run on {run.gpu_name or 'this CPU machine'} in {path.parent} "
                                "to compare with")
-        return same[-1], run, hist.skipped
+        return _clean_baseline(same), run, hist.skipped
     hist = load_history(path)
     if not hist.runs:
         raise HistoryError(f"{path}: no usable benchmark file{_skipped_hint(hist.skipped)}")
@@ -240,7 +255,14 @@ def pick_runs(baseline: str | Path | None, current: str | Path | None) -> tuple[
     if not same:
         raise HistoryError(f"{path}: only one run on {current_run.gpu_name or 'this CPU machine'} "
                            f"({current_run.path.name}); need two to compare")
-    return same[-1], current_run, hist.skipped
+    return _clean_baseline(same), current_run, hist.skipped
+
+
+def _clean_baseline(candidates: list[Run]) -> Run:
+    """The latest complete run of `candidates` (oldest first): a partial run is never picked as a baseline; when
+    every candidate is partial, the latest (compare then fails on it)."""
+    complete = [r for r in candidates if r.incomplete is None]
+    return (complete or candidates)[-1]
 
 
 def _skipped_hint(skipped: list[tuple[Path, str]]) -> str:

@@ -83,7 +83,16 @@ def _imageio_ffmpeg(path: Path, error: type[Exception]):
     return imageio_ffmpeg
 
 
-def _read_ffmpeg(path: Path) -> list[np.ndarray]:
+def expected_frame_count(meta: dict) -> int | None:
+    """The frame count a container's header promises: its duration times its frame rate (ffmpeg prints the duration
+    to 10 ms, well under a frame at video rates); None when the header gives neither."""
+    duration, fps = meta.get("duration"), meta.get("fps")
+    if not isinstance(duration, (int, float)) or not isinstance(fps, (int, float)) or duration <= 0 or fps <= 0:
+        return None
+    return round(duration * fps)
+
+
+def _read_ffmpeg(path: Path, allow_partial: bool = False) -> list[np.ndarray]:
     imageio_ffmpeg = _imageio_ffmpeg(path, VideoReadError)
 
     frames: list[np.ndarray] = []
@@ -106,6 +115,15 @@ def _read_ffmpeg(path: Path) -> list[np.ndarray]:
         raise VideoReadError(f"{path}: cannot be decoded as video ({detail})") from exc
     finally:
         gen.close()
+    expected = expected_frame_count(meta)
+    if expected is not None and frames and len(frames) < expected:
+        message = (f"{path}: truncated: {len(frames)} of {expected} frames read (the header says "
+                   f"{meta['duration']} s at {meta['fps']:g} fps)")
+        if not allow_partial:
+            raise VideoReadError(message + "; the file is cut short or damaged")
+        import warnings
+
+        warnings.warn(message + "; going on with the frames read", stacklevel=3)
     return frames
 
 
@@ -125,8 +143,10 @@ def _read_frame_folder(path: Path) -> list[np.ndarray]:
     return frames
 
 
-def read_frames(path: str | os.PathLike) -> np.ndarray:
-    """All frames of a video file or a folder of PNG frames, as a (T, H, W, 3) uint8 array."""
+def read_frames(path: str | os.PathLike, allow_partial: bool = False) -> np.ndarray:
+    """All frames of a video file or a folder of PNG frames, as a (T, H, W, 3) uint8 array. A video holding fewer
+    frames than its header promises is a VideoReadError naming both counts (with `allow_partial`: a warning, and the
+    frames read)."""
     path = Path(path)
     _check_exists(path, "video file or frame folder")
     if path.is_dir():
@@ -134,7 +154,7 @@ def read_frames(path: str | os.PathLike) -> np.ndarray:
     elif path.suffix.lower() in PIL_SEQUENCE_SUFFIXES:
         frames = _read_pil_sequence(path)
     else:
-        frames = _read_ffmpeg(path)
+        frames = _read_ffmpeg(path, allow_partial)
     if not frames:
         raise VideoReadError(f"{path}: the video holds no frames")
     if any(f.shape != frames[0].shape for f in frames):

@@ -68,6 +68,55 @@ class ConfigError(WanBenchError, ValueError):
     """A configuration value that cannot be run; the message names the field and the value."""
 
 
+# ComfyUI 0.3.64's own input limits (nodes.py: MAX_RESOLUTION, KSamplerAdvanced, LoraLoaderModelOnly;
+# comfy_extras/nodes_wan.py WanImageToVideo; comfy_extras/nodes_model_advanced.py ModelSamplingSD3): a value ComfyUI
+# refuses is refused here too, where it enters (workflow import, the command line, the suite's options), before a
+# run can grow without bound.
+MAX_RESOLUTION = 16384
+MAX_STEPS = 10000  # KSamplerAdvanced steps, start_at_step, end_at_step
+MAX_SEED = 0xFFFFFFFFFFFFFFFF  # KSamplerAdvanced noise_seed: 0 .. 2**64 - 1
+MAX_CFG = 100.0
+MAX_SHIFT = 100.0
+MAX_LORA_STRENGTH = 100.0
+MAX_BATCH = 4096  # WanImageToVideo batch_size
+MIN_VAE_BAND_ROWS = 64  # VAEDecodeTiled's smallest tile_size: a band is at least this many pixel rows
+
+
+def check_range(what: str, value, low, high, integer: bool = True, why: str = "ComfyUI's limit"):
+    """`value` if it is a number (an integer when `integer`) in [low, high]; else ConfigError naming `what`."""
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{what} must be {kind} in [{low}, {high}], got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{what} must be in [{low}, {high}] ({why}), got {value!r}")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """An argparse type for a noise seed: an integer in ComfyUI's 0 .. 2**64 - 1."""
+    import argparse
+
+    try:
+        return check_range("seed", int(str(text).strip()), 0, MAX_SEED)
+    except ValueError as exc:  # ConfigError is a ValueError too
+        message = str(exc) if isinstance(exc, ConfigError) else f"must be an integer, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def vae_bands_value(text: str) -> int:
+    """An argparse type for a VAE band count: an integer from 1 to MAX_RESOLUTION // MIN_VAE_BAND_ROWS (the size of
+    the frame is checked against it when the run is planned)."""
+    import argparse
+
+    try:
+        return check_range("vae bands", int(str(text).strip()), 1, MAX_RESOLUTION // MIN_VAE_BAND_ROWS,
+                           why=f"bands of at least {MIN_VAE_BAND_ROWS} rows of the largest frame")
+    except ValueError as exc:
+        message = str(exc) if isinstance(exc, ConfigError) else f"must be an integer, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
 @dataclass(frozen=True)
 class PassConfig:
     """One KSamplerAdvanced node and the model chain feeding it (UNETLoader -> LoRA -> ModelSamplingSD3)."""
@@ -103,14 +152,20 @@ class PassConfig:
             raise ConfigError(f"{where}: scheduler {self.scheduler!r} is not supported (supported: {SCHEDULERS})")
         if self.weight_dtype not in WEIGHT_DTYPES:
             raise ConfigError(f"{where}: UNETLoader weight_dtype {self.weight_dtype!r} is not one of {WEIGHT_DTYPES}")
-        if not isinstance(self.steps, int) or self.steps < 1:
-            raise ConfigError(f"{where}: steps must be a positive integer, got {self.steps!r}")
-        if self.start_at_step < 0 or self.end_at_step < 0:
-            raise ConfigError(f"{where}: start/end steps must be >= 0, got {self.start_at_step}/{self.end_at_step}")
-        if not (self.shift > 0 and math.isfinite(self.shift)):
+        check_range(f"{where}: steps", self.steps, 1, MAX_STEPS)
+        check_range(f"{where}: start_at_step", self.start_at_step, 0, MAX_STEPS)
+        check_range(f"{where}: end_at_step", self.end_at_step, 0, MAX_STEPS)
+        if self.start_at_step > self.end_at_step:
+            raise ConfigError(f"{where}: start_at_step {self.start_at_step} is after end_at_step "
+                              f"{self.end_at_step}; a pass runs steps start_at_step..end_at_step")
+        if not (isinstance(self.shift, (int, float)) and self.shift > 0 and math.isfinite(self.shift)):
             raise ConfigError(f"{where}: shift must be a positive number, got {self.shift!r}")
-        if not (self.cfg > 0 and math.isfinite(self.cfg)):
+        check_range(f"{where}: shift", self.shift, 0.0, MAX_SHIFT, integer=False)
+        if not (isinstance(self.cfg, (int, float)) and self.cfg > 0 and math.isfinite(self.cfg)):
             raise ConfigError(f"{where}: cfg must be a positive number, got {self.cfg!r}")
+        check_range(f"{where}: cfg", self.cfg, 0.0, MAX_CFG, integer=False)
+        check_range(f"{where}: LoRA strength", self.lora_strength, -MAX_LORA_STRENGTH, MAX_LORA_STRENGTH,
+                    integer=False)
 
 
 @dataclass(frozen=True)
@@ -164,6 +219,14 @@ class RunConfig:
             raise ConfigError(f"{self.name}: memory_cap must be a positive number of bytes, got {self.memory_cap!r}")
         if self.width < 16 or self.height < 16:
             raise ConfigError(f"{self.name}: width and height must be at least 16, got {self.width}x{self.height}")
+        for field_name in ("width", "height", "length"):
+            check_range(f"{self.name}: {field_name}", getattr(self, field_name), 1, MAX_RESOLUTION)
+        check_range(f"{self.name}: batch_size", self.batch_size, 1, MAX_BATCH)
+        check_range(f"{self.name}: seed", self.seed, 0, MAX_SEED)
+        most_bands = max(1, self.height // MIN_VAE_BAND_ROWS)
+        if self.vae_bands > most_bands:
+            raise ConfigError(f"{self.name}: vae_bands {self.vae_bands} leaves bands under {MIN_VAE_BAND_ROWS} rows "
+                              f"of a {self.height}-row frame (ComfyUI's smallest VAE tile); use at most {most_bands}")
         if self.sequence_parallel > 1 and self.vae_bands not in (1, self.sequence_parallel):
             raise ConfigError(f"{self.name}: with sequence parallelism the VAE bands are the {self.sequence_parallel} "
                               f"ranks; vae_bands {self.vae_bands} cannot apply as well")

@@ -245,3 +245,25 @@ def resolve_mode(requested: str, models_dir: str | None, config: RunConfig | Non
     from wan_pipeline.measure.telemetry import cuda_available
 
     return "synthetic" if cuda_available() else "tiny"
+
+
+def auto_mode(models_dir: str | None, configs: list[RunConfig] | None = None) -> tuple[str, str]:
+    """What `auto` runs and why, decided without torch. A models folder that was given must hold a complete, usable
+    set for every configuration to run (`configs`, default: the presets' files): a missing or unusable file is an
+    error naming it (never a quiet fall-back to random weights). Without one: synthetic on a GPU, else tiny."""
+    from wan_pipeline.measure.telemetry import cuda_available
+
+    if models_dir:
+        from wan_pipeline.plan.presets import get_preset
+
+        try:
+            for config in configs or [get_preset("seed-832x1216-49f")]:
+                find_model_files(models_dir, config)
+        except LoadingError as exc:
+            raise LoadingError(f"models folder {models_dir} (--wan-models / --models / WAN_MODELS_DIR) is not usable, "
+                               f"so auto cannot run real weights; fix the folder, unset it, or choose --mode "
+                               f"synthetic/tiny: {exc}") from None
+        return "real", f"auto: the model files were found in {models_dir}"
+    if cuda_available():
+        return "synthetic", "auto: a GPU is visible and no models folder (--wan-models / WAN_MODELS_DIR)"
+    return "tiny", "auto: no GPU is visible and no models folder (--wan-models / WAN_MODELS_DIR)"

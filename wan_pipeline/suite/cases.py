@@ -17,22 +17,21 @@ def mode_and_reason(options: WanOptions) -> tuple[str, str]:
     """The session's model source and why it was chosen (printed at the top of every session).
 
     `auto` in a test run (no `--benchmark-only`) is tiny: the run checks that the suite works, and full-size models
-    would turn the test command into hours of benchmarks on a GPU box. A benchmark run picks real when the model
-    files are found, else synthetic on a GPU, else tiny.
+    would turn the test command into hours of benchmarks on a GPU box. A benchmark run picks real when a models
+    folder is given (and fails, naming the file, when it is incomplete), else synthetic on a GPU, else tiny.
     """
-    from wan_pipeline.run.model_files import resolve_mode
+    from wan_pipeline.run.model_files import auto_mode
 
     if options.mode != "auto":
         return options.mode, "--wan-mode / WAN_MODE"
     if not options.benchmark_only:
         return "tiny", "auto in a test run; --benchmark-only times synthetic or real models"
-    mode = resolve_mode("auto", options.models_dir)
-    files = (f"no complete model set in {options.models_dir}" if options.models_dir
-             else "no models folder (--wan-models / WAN_MODELS_DIR)")
-    reason = {"real": f"auto: the model files were found in {options.models_dir}",
-              "synthetic": f"auto: a GPU is visible and {files}",
-              "tiny": f"auto: no GPU is visible and {files}"}[mode]
-    return mode, reason
+    configs = None
+    if options.workflow and options.models_dir:  # the workflow's own file names, not the presets'
+        from wan_pipeline.plan.comfy import load_workflow_configs
+
+        configs = load_workflow_configs(options.workflow)
+    return auto_mode(options.models_dir, configs)  # a models folder given and unusable: an error naming the file
 
 
 def resolved_mode(options: WanOptions) -> str:

@@ -123,6 +123,10 @@ def _memory_cap(value: str) -> int | None:
         return parse_memory_size(value)
     except MemoryCapError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+def _vae_bands(value: str) -> int:
+    from wan_pipeline.plan.config import vae_bands_value
+
+    return vae_bands_value(value)
 
 
 def _optional(value: str) -> str | None:
@@ -163,7 +167,7 @@ _OPTIONS = (
     ("--wan-memory-cap", "WAN_MEMORY_CAP", "", _memory_cap,
      "cap the CUDA allocator at SIZE to emulate a smaller card's memory (not its speed), e.g. 24GB (GB = 10^9 "
      "bytes) or 16GiB (GiB = 2^30 bytes); residency, VAE bands and the default matrix plan for the cap"),
-    ("--wan-vae-bands", "WAN_VAE_BANDS", "1", _integer(1),
+    ("--wan-vae-bands", "WAN_VAE_BANDS", "1", _vae_bands,
      "run the VAE in N bands of rows one after another, as ComfyUI's tiled VAE nodes (less memory; default 1: the "
      "whole frame)"),
     ("--wan-sp", "WAN_SP", "1", _integer(1),

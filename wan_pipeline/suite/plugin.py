@@ -20,6 +20,8 @@ from wan_pipeline.suite.fixtures import (report_lines, wan_budgets,  # noqa: F40
 from wan_pipeline.suite.matrix import MatrixController, ShardWorker, full_args
 from wan_pipeline.suite.options import add_options, rounds_arguments
 from wan_pipeline.suite.options import wan_options as options_of
+from wan_pipeline.suite.progress import track_progress, wan_round_progress  # noqa: F401
+from wan_pipeline.suite.startup import check_option_files
 
 REFERENCES_KEY = pytest.StashKey[References]()
 MEMORY_CAP_KEY = pytest.StashKey[object]()  # what apply_memory_cap did (None: no cap)
@@ -74,6 +76,7 @@ def pytest_configure(config):
 
     options = options_of(config)
     default_allocator_settings()
+    check_option_files(options)  # budgets, workflow and models folder: usage errors before anything runs
     if options.sequence_parallel > 1 and in_torchrun_rank():
         try:
             check_world_size(options.sequence_parallel)
@@ -91,6 +94,8 @@ def pytest_configure(config):
     saving.configure_storage(config, saving.storage_slug(gpu_slug(gpu_snapshot()), options.memory_cap))
     config.stash[REFERENCES_KEY] = References()
     config.pluginmanager.register(outcomes.OutcomeRecorder(config), "wan-outcomes")
+    saving.track_completeness(config)
+    track_progress(config)
     shard, progress = config.getoption("wan_shard"), config.getoption("wan_progress")
     if shard or progress:
         config.pluginmanager.register(ShardWorker(shard, progress), "wan-shard-worker")
@@ -193,6 +198,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     found = output_json.get("benchmarks", [])
     output_json["wan_session"] = outcomes.outcomes_of(config).to_json()
     lines = add_scaling_to_json(found) + add_stock_speedups(found, config.stash[REFERENCES_KEY])
+    lines += saving.mark_incomplete(config, output_json)
     report = report_lines(config)
     report.extend(line for line in lines if line not in report)  # the JSON and the history save both call this
 

@@ -17,7 +17,7 @@ needs it).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -35,6 +35,86 @@ class Saving:
 
 
 SAVING_KEY = pytest.StashKey[Saving]()
+
+# The top-level key of a session JSON that did not run to the end (the benchmark entries are left as they are).
+INCOMPLETE_KEY = "wan_incomplete"
+
+
+@dataclass(eq=False)  # registered as a plugin: hashed by identity
+class Completeness:
+    """Whether the session ran every collected test to a pass or a skip: pytest's own reports, its exit status and
+    its stop flags (`-x`, `--maxfail`, Ctrl-C, a timeout's signal). A partial session is saved marked incomplete,
+    so that `wan-bench compare` never takes it for a clean run."""
+
+    collected: list[str] = field(default_factory=list)
+    finished: set[str] = field(default_factory=set)
+    failed: list[str] = field(default_factory=list)
+    stopped: str | None = None
+    exitstatus: int | None = None
+
+    def pytest_collection_finish(self, session):
+        self.collected = [item.nodeid for item in session.items]
+
+    def pytest_runtest_logreport(self, report):
+        if report.failed and report.nodeid not in self.failed:
+            self.failed.append(report.nodeid)
+        if report.when == "call" or report.skipped or report.failed:
+            self.finished.add(report.nodeid)
+
+    def pytest_keyboard_interrupt(self, excinfo):
+        self.stopped = f"interrupted ({excinfo.typename})"
+
+    @pytest.hookimpl(hookwrapper=True, tryfirst=True)  # before pytest-benchmark's wrapper writes its JSON
+    def pytest_sessionfinish(self, session, exitstatus):
+        self.exitstatus = int(exitstatus)
+        reason = session.shouldstop or session.shouldfail
+        if self.stopped is None and reason:
+            self.stopped = f"stopped early: {reason}"
+        if self.stopped is None and int(exitstatus) == int(pytest.ExitCode.INTERRUPTED):
+            self.stopped = "interrupted"
+        yield
+
+    def problems(self, workers: list | None = None) -> dict | None:
+        """What makes the session partial, for the JSON's `wan_incomplete` key; None for a complete one. `workers`:
+        a --wan-gpus controller's WorkerResults, whose failed and unfinished cases count as this session's."""
+        failed = list(self.failed)
+        not_run = [n for n in self.collected if n not in self.finished]
+        reasons = [self.stopped] if self.stopped else []
+        for worker in workers or []:
+            failed += [n for n, outcome in worker.outcomes.items() if outcome == "failed" and n not in failed]
+            not_run += [n for n in worker.nodeids if n not in worker.outcomes]
+            if worker.status != "ok":
+                reasons.append(f"worker {worker.index} ({worker.device.label}): {worker.status}")
+        if not (reasons or failed or not_run):
+            return None
+        if failed:
+            reasons.append(f"{len(failed)} test(s) failed")
+        if not_run:
+            reasons.append(f"{len(not_run)} collected test(s) did not run")
+        return {"reasons": reasons, "failed": failed, "not_run": not_run, "exitstatus": self.exitstatus}
+
+
+COMPLETENESS_KEY = pytest.StashKey[Completeness]()
+
+
+def track_completeness(config) -> Completeness:
+    tracker = Completeness()
+    config.stash[COMPLETENESS_KEY] = tracker
+    config.pluginmanager.register(tracker, "wan-completeness")
+    return tracker
+
+
+def mark_incomplete(config, output_json: dict) -> list[str]:
+    """Mark a session JSON of a partial session (in place); returns summary lines saying why."""
+    tracker = config.stash.get(COMPLETENESS_KEY, None)
+    matrix = config.pluginmanager.get_plugin("wan-gpu-matrix")  # a --wan-gpus controller: its workers count too
+    problems = tracker.problems(getattr(matrix, "results", None)) if tracker is not None else None
+    if problems is None:
+        output_json.pop(INCOMPLETE_KEY, None)
+        return []
+    output_json[INCOMPLETE_KEY] = problems
+    return [f"this session is marked incomplete in its JSON ({'; '.join(problems['reasons'])}): wan-bench compare "
+            "fails on it"]
 
 
 def file_storage_root(storage: str) -> Path | None:
