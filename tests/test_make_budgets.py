@@ -126,8 +126,9 @@ def test_skipped_benchmarks_are_named_with_why(tmp_path):
     failed = generation(preset="seed-832x1216-81f", median=50.0)
     split = generation(preset="seed-832x1216-161f", sequence_parallel={"degree": 2})
     dup = generation(median=99.0)
-    path = write(tmp_path / "run.json", run_file([stock, forward, good, failed, split, dup], wan_session={
-        "failed": {failed["fullname"]: "call: AssertionError: median 50.00 s over the budget"}, "not_run": []}))
+    path = write(tmp_path / "run.json", run_file([stock, forward, good, failed, split, dup], wan_incomplete={
+        "reasons": ["1 test(s) failed"], "failed": [failed["fullname"]],
+        "why": {failed["fullname"]: "call: AssertionError: median 50.00 s over the budget"}, "not_run": []}))
     made = make_budgets(path, 0.15)
     assert [e.benchmark for e in made.entries] == [good["name"]]
     assert made.entries[0].seconds == budget_seconds(18.0, 0.15)
@@ -156,8 +157,9 @@ def test_a_folder_gives_its_newest_complete_run_and_says_which(tmp_path):
     write(storage / "0002_good.json", run_file([generation(median=19.0)], day=2))
     write(storage / "0003_partial.json", run_file([generation(median=5.0)], day=3, wan_workers=[
         {"worker": 1, "device": "cuda:1", "status": "died", "problem": "killed by SIGKILL", "outcomes": {}}]))
-    write(storage / "0004_stopped.json", run_file([generation(median=5.0)], day=4, wan_session={
-        "failed": {}, "not_run": ["tests/benchmarks/test_generation.py::test_generation[other]"]}))
+    write(storage / "0004_stopped.json", run_file([generation(median=5.0)], day=4, wan_incomplete={
+        "reasons": ["stopped early: stopping after 1 failures", "1 collected test(s) did not run"], "failed": [],
+        "not_run": ["tests/benchmarks/test_generation.py::test_generation[other]"]}))
     write(storage / "0005_forward_only.json", run_file([], day=5))
     (storage / "0006_broken.json").write_text('{"benchmarks": [')
     made = make_budgets(tmp_path / ".benchmarks")
@@ -165,7 +167,7 @@ def test_a_folder_gives_its_newest_complete_run_and_says_which(tmp_path):
     notes = "\n".join(made.notes)
     assert "skipped unusable file" in notes and "0006_broken.json" in notes
     assert "0005_forward_only.json" in notes and "no generation benchmark" in notes
-    assert "0004_stopped.json" in notes and "partial: 1 benchmark case(s) collected and never run" in notes
+    assert "0004_stopped.json" in notes and "partial: 1 collected test(s) never ran" in notes
     assert "0003_partial.json" in notes and "worker 1 on cuda:1 died (killed by SIGKILL)" in notes
     assert made.notes[-1].startswith(f"using run {storage / '0002_good.json'}")
     assert make_budgets(tmp_path / ".benchmarks", run_name="0001").run.path.name == "0001_old.json"
@@ -350,7 +352,7 @@ def test_budgets_from_a_cpu_run_are_met_by_a_second_run_and_missed_by_a_slowed_o
                                 "*1 case(s) had no budget for this card: make budgets from this run with: "
                                 "wan-bench budgets --from run.json --out budgets.toml, then run again with "
                                 "--wan-budgets budgets.toml*"])
-    assert json.loads((inner.path / "run.json").read_text())["wan_session"] == {"failed": {}, "not_run": []}
+    assert "wan_incomplete" not in json.loads((inner.path / "run.json").read_text())  # a complete session
 
     made = _budgets(inner, "--from", "run.json", "--out", "budgets.toml", "--headroom", "300%")
     assert made.returncode == 0, made.stderr
@@ -373,16 +375,17 @@ def test_budgets_from_a_cpu_run_are_met_by_a_second_run_and_missed_by_a_slowed_o
                       presets="seed-832x1216-49f,seed-832x1216-49f-cfg3.5")
     slowed.assert_outcomes(failed=1)  # -x: the second case never runs
     slowed.stdout.fnmatch_lines(["*over the budget*"])
-    session = json.loads((inner.path / "slowed.json").read_text())["wan_session"]
-    assert "over the budget" in session["failed"]["test_generation.py::test_generation[seed-832x1216-49f-sdpa-bf16-"
-                                                  "compile0]"]
+    session = json.loads((inner.path / "slowed.json").read_text())["wan_incomplete"]
+    failed = "test_generation.py::test_generation[seed-832x1216-49f-sdpa-bf16-compile0]"
+    assert session["failed"] == [failed] and "over the budget" in session["why"][failed]
     assert session["not_run"] == ["test_generation.py::test_generation[seed-832x1216-49f-cfg3.5-sdpa-bf16-compile0]"]
     # and that run makes no budget: it is partial, and its one benchmark failed
     refused = _budgets(inner, "--from", "slowed.json")
-    assert refused.returncode == 2 and "partial: 1 benchmark case(s) collected and never run" in refused.stderr
+    assert refused.returncode == 2 and "partial: 1 collected test(s) never ran" in refused.stderr
     assert refused.stdout == ""
     json_data = json.loads((inner.path / "slowed.json").read_text())
-    json_data["wan_session"]["not_run"] = []
+    json_data["wan_incomplete"]["not_run"] = []
+    json_data["wan_incomplete"]["reasons"] = ["1 test(s) failed"]  # as if the session had not stopped early
     (inner.path / "slowed-complete.json").write_text(json.dumps(json_data))
     refused = _budgets(inner, "--from", "slowed-complete.json")
     assert refused.returncode == 2 and "its test failed: call: AssertionError" in refused.stderr, refused.stderr

@@ -5,7 +5,8 @@ case on (the exact GPU name, preset, mode, precision, attention, compile), secon
 the headroom, and a source naming the run's date, card, driver, torch and diffusers versions, commit and file.
 
 The run comes from a pytest-benchmark JSON file, or the newest usable run of a storage folder (`history.runs`).
-Runs marked partial (a worker that died or timed out, cases collected that never ran) are skipped, and so are
+Runs marked partial in their `wan_incomplete` record (interrupted or stopped early, a worker that died or timed
+out, tests collected that never ran) are skipped, and so are
 benchmarks whose test failed, benchmarks that time something other than a whole generation, and split
 (sequence-parallel) generations, whose budget lookup cannot tell them from the one-GPU case. Entries merge into a
 budgets file with tomlkit, which keeps the file's comments: an entry with the same keys is updated where it is,
@@ -114,19 +115,24 @@ def run_problem(run: Run) -> str | None:
         if isinstance(worker, dict) and worker.get("status") not in ("ok", "tests failed"):
             return (f"partial: worker {worker.get('worker')} on {worker.get('device')} {worker.get('status')}"
                     + (f" ({worker['problem']})" if worker.get("problem") else ""))
-    session = run.data.get("wan_session")
-    if isinstance(session, dict) and session.get("not_run"):
-        not_run = list(session["not_run"])
-        return f"partial: {len(not_run)} benchmark case(s) collected and never run, e.g. {not_run[0]}"
+    incomplete = run.data.get("wan_incomplete")
+    if isinstance(incomplete, dict):
+        if incomplete.get("not_run"):
+            not_run = list(incomplete["not_run"])
+            return f"partial: {len(not_run)} collected test(s) never ran, e.g. {not_run[0]}"
+        stops = [r for r in incomplete.get("reasons") or [] if not str(r).endswith("test(s) failed")]
+        if stops:
+            return f"partial: {'; '.join(map(str, stops))}"
     return None
 
 
 def failed_tests(run: Run) -> dict[str, str]:
     """node id -> why, for each test of the run that failed (its own session's record, and each worker's)."""
     failed: dict[str, str] = {}
-    session = run.data.get("wan_session")
-    if isinstance(session, dict) and isinstance(session.get("failed"), dict):
-        failed.update({str(k): str(v) for k, v in session["failed"].items()})
+    incomplete = run.data.get("wan_incomplete")
+    if isinstance(incomplete, dict):
+        why = incomplete.get("why") if isinstance(incomplete.get("why"), dict) else {}
+        failed.update({str(n): str(why.get(n, "failed in its session")) for n in incomplete.get("failed") or []})
     for worker in run.data.get("wan_workers") or []:
         outcomes = worker.get("outcomes") if isinstance(worker, dict) else None
         for nodeid, outcome in (outcomes or {}).items():

@@ -93,7 +93,6 @@ def pytest_configure(config):
     config.stash[MEMORY_CAP_KEY] = cap_info
     saving.configure_storage(config, saving.storage_slug(gpu_slug(gpu_snapshot()), options.memory_cap))
     config.stash[REFERENCES_KEY] = References()
-    config.pluginmanager.register(outcomes.OutcomeRecorder(config), "wan-outcomes")
     saving.track_completeness(config)
     track_progress(config)
     shard, progress = config.getoption("wan_shard"), config.getoption("wan_progress")
@@ -196,7 +195,6 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
     from wan_pipeline.run.parallel import add_scaling_to_json
 
     found = output_json.get("benchmarks", [])
-    output_json["wan_session"] = outcomes.outcomes_of(config).to_json()
     lines = add_scaling_to_json(found) + add_stock_speedups(found, config.stash[REFERENCES_KEY])
     lines += saving.mark_incomplete(config, output_json)
     report = report_lines(config)

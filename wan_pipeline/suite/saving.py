@@ -49,6 +49,7 @@ class Completeness:
     collected: list[str] = field(default_factory=list)
     finished: set[str] = field(default_factory=set)
     failed: list[str] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)  # failed node id -> the first line of why
     stopped: str | None = None
     exitstatus: int | None = None
 
@@ -58,6 +59,7 @@ class Completeness:
     def pytest_runtest_logreport(self, report):
         if report.failed and report.nodeid not in self.failed:
             self.failed.append(report.nodeid)
+            self.why[report.nodeid] = _why(report)
         if report.when == "call" or report.skipped or report.failed:
             self.finished.add(report.nodeid)
 
@@ -91,7 +93,16 @@ class Completeness:
             reasons.append(f"{len(failed)} test(s) failed")
         if not_run:
             reasons.append(f"{len(not_run)} collected test(s) did not run")
-        return {"reasons": reasons, "failed": failed, "not_run": not_run, "exitstatus": self.exitstatus}
+        why = {n: self.why[n] for n in failed if n in self.why}
+        return {"reasons": reasons, "failed": failed, "why": why, "not_run": not_run, "exitstatus": self.exitstatus}
+
+
+def _why(report) -> str:
+    """The first `E ` line of a failure's report (where pytest puts the assertion or the exception), with its phase."""
+    text = getattr(report, "longreprtext", "") or ""
+    lines = [line.strip() for line in text.splitlines() if line.strip().startswith("E ")]
+    first = lines[0][1:].strip() if lines else (text.strip().splitlines() or ["failed"])[-1].strip()
+    return f"{report.when}: {first}"[:300]
 
 
 COMPLETENESS_KEY = pytest.StashKey[Completeness]()
