@@ -90,6 +90,13 @@ def test_compare_fails_on_a_missing_benchmark_unless_told_what_to_expect(tmp_pat
     assert main(["compare", base, cur, "--expect", "t.py::f*"]) == 0
     assert main(["compare", base, cur, "--expect", "fwd", "--expect", "gen"]) == 1
     assert "expected benchmark 'gen' is not in the current run" in capsys.readouterr().out
+    # a pattern matching several baseline benchmarks needs every one of them, not just one
+    base3 = _run_file(tmp_path / "base3.json", ["gen_49", "gen_81", "fwd"])
+    cur3 = _run_file(tmp_path / "cur3.json", ["gen_49", "fwd"])
+    assert main(["compare", base3, cur3, "--expect", "gen_*"]) == 1
+    assert "1 benchmark(s) of the baseline matching 'gen_*' missing from the current run: t.py::gen_81" in \
+        capsys.readouterr().out
+    assert main(["compare", base3, cur3, "--expect", "gen_49", "--expect", "fwd"]) == 0
     assert main(["compare", base, base]) == 0
     capsys.readouterr()
     assert main(["compare", base, cur, "--json", "-", "--allow-missing"]) == 0

@@ -159,6 +159,7 @@ def test_a_folder_gives_its_newest_complete_run_and_says_which(tmp_path):
         {"worker": 1, "device": "cuda:1", "status": "died", "problem": "killed by SIGKILL", "outcomes": {}}]))
     write(storage / "0004_stopped.json", run_file([generation(median=5.0)], day=4, wan_incomplete={
         "reasons": ["stopped early: stopping after 1 failures", "1 collected test(s) did not run"], "failed": [],
+        "stopped": "stopped early: stopping after 1 failures",
         "not_run": ["tests/benchmarks/test_generation.py::test_generation[other]"]}))
     write(storage / "0005_forward_only.json", run_file([], day=5))
     (storage / "0006_broken.json").write_text('{"benchmarks": [')
@@ -167,7 +168,7 @@ def test_a_folder_gives_its_newest_complete_run_and_says_which(tmp_path):
     notes = "\n".join(made.notes)
     assert "skipped unusable file" in notes and "0006_broken.json" in notes
     assert "0005_forward_only.json" in notes and "no generation benchmark" in notes
-    assert "0004_stopped.json" in notes and "partial: 1 collected test(s) never ran" in notes
+    assert "0004_stopped.json" in notes and "partial: stopped early" in notes
     assert "0003_partial.json" in notes and "worker 1 on cuda:1 died (killed by SIGKILL)" in notes
     assert made.notes[-1].startswith(f"using run {storage / '0002_good.json'}")
     assert make_budgets(tmp_path / ".benchmarks", run_name="0001").run.path.name == "0001_old.json"
@@ -177,11 +178,23 @@ def test_a_folder_gives_its_newest_complete_run_and_says_which(tmp_path):
         make_budgets(storage / "0003_partial.json")
 
 
+def _controller_record(failed_nodeids):
+    """The `wan_incomplete` a --wan-gpus controller writes when one worker's tests failed (saving.Completeness)."""
+    from types import SimpleNamespace
+
+    from wan_pipeline.suite.saving import Completeness
+
+    worker = SimpleNamespace(index=0, status="tests failed", device=SimpleNamespace(label="cuda:0"),
+                             outcomes={n: "failed" for n in failed_nodeids}, nodeids=list(failed_nodeids))
+    return Completeness().problems([worker])
+
+
 def test_failed_tests_of_a_gpu_matrix_worker_are_skipped(tmp_path):
     ok, bad = generation(median=10.0), generation(preset="seed-832x1216-81f", median=40.0)
     path = write(tmp_path / "merged.json", run_file([ok, bad], wan_workers=[
         {"worker": 0, "device": "cuda:0", "status": "tests failed", "log": "w0.log",
-         "outcomes": {ok["fullname"]: "passed", bad["fullname"]: "failed"}}]))
+         "outcomes": {ok["fullname"]: "passed", bad["fullname"]: "failed"}}],
+        wan_incomplete=_controller_record([bad["fullname"]])))
     made = make_budgets(path)
     assert [e.benchmark for e in made.entries] == [ok["name"]]
     assert any("its test failed: failed on worker 0 (its log: w0.log)" in n for n in made.notes)
@@ -381,11 +394,19 @@ def test_budgets_from_a_cpu_run_are_met_by_a_second_run_and_missed_by_a_slowed_o
     assert session["not_run"] == ["test_generation.py::test_generation[seed-832x1216-49f-cfg3.5-sdpa-bf16-compile0]"]
     # and that run makes no budget: it is partial, and its one benchmark failed
     refused = _budgets(inner, "--from", "slowed.json")
-    assert refused.returncode == 2 and "partial: 1 collected test(s) never ran" in refused.stderr
+    assert refused.returncode == 2 and "partial: stopped early" in refused.stderr
     assert refused.stdout == ""
     json_data = json.loads((inner.path / "slowed.json").read_text())
-    json_data["wan_incomplete"]["not_run"] = []
-    json_data["wan_incomplete"]["reasons"] = ["1 test(s) failed"]  # as if the session had not stopped early
+    json_data["wan_incomplete"].update(not_run=[], stopped=None, reasons=["1 test(s) failed"])  # as if it ran all
     (inner.path / "slowed-complete.json").write_text(json.dumps(json_data))
     refused = _budgets(inner, "--from", "slowed-complete.json")
     assert refused.returncode == 2 and "its test failed: call: AssertionError" in refused.stderr, refused.stderr
+
+
+def test_a_memory_capped_run_makes_no_budget(tmp_path):
+    capped = run_file([generation(median=34.5, memory_cap_bytes=24 * 10**9)],
+                      machine_info={"gpu": {"name": "NVIDIA H200", "driver": "580.159.04"},
+                                    "wan_memory_cap": {"cap_bytes": 24 * 10**9, "applied": True}})
+    path = write(tmp_path / "capped.json", capped)
+    with pytest.raises(MakeBudgetsError, match="capped: run under a 24.00 GB memory cap"):
+        make_budgets(path)

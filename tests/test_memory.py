@@ -361,15 +361,17 @@ def test_real_files_loaded_into_host_memory_are_the_same_tensors(tmp_path, monke
         assert all(host[k] is t for k, t in hosted.experts[name].named_parameters())  # no second copy
 
 
-def test_streamed_experts_from_real_files_generate_the_same_latent(tmp_path):
+def test_streamed_experts_from_real_files_generate_the_same_latent(tmp_path, monkeypatch):
     """The streaming path on a CPU: diffusers' block-level group offloading (no CUDA stream to prefetch on here)
     on experts loaded from a ComfyUI folder gives the latent of the resident experts, and counts every byte of the
     expert once per forward."""
     from wan_pipeline.run.memory import enable_streaming, tensor_bytes
     from wan_pipeline.run.pipeline import generate, prepare
 
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU path, also on a GPU box
     root = _comfyui_folder(tmp_path)
     plan, prepared = prepare(_real_config(), "real", str(root))
+    assert prepared.models.device.type == "cpu"
     resident = generate(prepared, plan)
     infos = {name: enable_streaming(expert, torch.device("cpu")) for name, expert in prepared.models.experts.items()}
     streamed = generate(prepared, plan)
@@ -433,3 +435,11 @@ def test_swapped_experts_count_their_bytes(monkeypatch):
                         property(lambda self: torch.device("cpu")), raising=False)
     residency.need("expert:high")
     assert residency.moved_bytes == residency.sizes["expert:high"] == (16 + 4) * 4
+
+
+def test_a_memory_cap_with_several_gpus_is_refused_before_anything_runs(capsys):
+    from wan_pipeline.cli.main import main
+
+    assert main(["run", "--mode", "tiny", "--memory-cap", "24GB", "--gpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--memory-cap runs on one GPU; the --gpus ranks are not capped" in err and "Traceback" not in err

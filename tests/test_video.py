@@ -322,3 +322,11 @@ def test_wan_bench_metrics_refuses_a_truncated_clip_unless_told(tmp_path, capsys
     with pytest.warns(UserWarning, match="of 5 frames read"):  # printed as one `wan-bench: warning:` line
         assert main(["metrics", str(path), "--allow-truncated", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["frames"] < 5
+
+
+@pytest.mark.parametrize("read, expected, truncated", [(5, 5, False), (4, 5, False), (3, 5, True),
+                                                        (159, 161, False), (157, 161, True), (2, 49, True)])
+def test_a_clip_is_truncated_beyond_one_frame_or_two_percent_short(read, expected, truncated):
+    from wan_pipeline.measure.media import is_truncated
+
+    assert is_truncated(read, expected) is truncated

@@ -2,6 +2,7 @@
 build's values, staged fp8 quantization matches the on-device one, and streamed experts compute what resident ones
 do while holding a fraction of them."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -18,6 +19,29 @@ SMALL_A14B = dict(A14B_TRANSFORMER, num_layers=4)  # the A14B block, four of the
 
 def _state(module):
     return {k: t.detach().cpu() for k, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def _tensors(module):
+    return [t for _, t in [*module.named_parameters(), *module.named_buffers()]]
+
+
+@pytest.fixture(autouse=True)
+def _free_the_device(cuda):
+    """Each test here builds experts of several GB: what one leaves (a failure keeps its locals) must not crowd the
+    next one's measurements."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _assert_same(a, b, what):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        x, y = a[k], b[k]
+        assert x.dtype == y.dtype, (what, k, x.dtype, y.dtype)
+        same = torch.equal(x.view(torch.uint8), y.view(torch.uint8)) if x.dtype == torch.float8_e4m3fn else \
+            torch.equal(x, y)
+        assert same, (what, k, x.dtype, (x.float() - y.float()).abs().max().item())
 
 
 def test_a_capped_allocator_refuses_past_the_cap_and_a_cap_above_the_card_is_refused():
@@ -65,13 +89,11 @@ def test_staged_fp8_quantization_matches_the_on_device_one(cuda):
 
     hosted = random_transformer(SMALL_A14B, cuda, torch.bfloat16, seed=4, in_host=True)
     plain = random_transformer(SMALL_A14B, cuda, torch.bfloat16, seed=4)
+    _assert_same(_state(hosted), _state(plain), "before quantization")
     apply_precision(hosted, "fp8-upcast", torch.bfloat16, run_on=cuda, stage_on=cuda)
     apply_precision(plain, "fp8-upcast", torch.bfloat16, run_on=cuda)
-    a, b = _state(hosted), _state(plain)
-    assert a.keys() == b.keys() and all(t.device.type == "cpu" for t in a.values())
-    for k in a:
-        assert torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn else a[k],
-                           b[k].view(torch.uint8) if b[k].dtype == torch.float8_e4m3fn else b[k]), k
+    assert all(t.device.type == "cpu" for t in _tensors(hosted.blocks))  # staged back to the host, block by block
+    _assert_same(_state(hosted), _state(plain), "after quantization")
 
 
 @torch.no_grad()
@@ -89,12 +111,12 @@ def test_a_streamed_expert_computes_what_the_resident_one_does_in_less_memory(cu
 
     resident = forward()
     weights = tensor_bytes(expert)
-    info = enable_streaming(expert, cuda)
-    assert info["bytes_per_forward"] == weights and all(t.device.type == "cpu" for t in _state(expert).values())
+    info = enable_streaming(expert, cuda)  # pins the expert's tensors in host memory once, then hooks the blocks
+    assert info["bytes_per_forward"] == weights and all(t.device.type == "cpu" for t in _tensors(expert))
     torch.cuda.synchronize(cuda)
     torch.cuda.reset_peak_memory_stats(cuda)
     base = torch.cuda.memory_allocated(cuda)
     streamed = forward()
     torch.cuda.synchronize(cuda)
-    assert torch.equal(resident, streamed)
+    torch.testing.assert_close(streamed, resident, rtol=0, atol=0)  # the same kernels on the same values
     assert torch.cuda.max_memory_allocated(cuda) - base < weights * 0.75  # 4 blocks, two on the device at a time

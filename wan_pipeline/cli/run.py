@@ -208,7 +208,9 @@ def run_run(args: argparse.Namespace) -> int:
     configs = configs_from_args(args)  # bad values are refused before torch is imported
     from wan_pipeline.run.pipeline import run_and_save
 
-    if args.memory_cap is not None and args.gpus is None:
+    if args.memory_cap is not None and args.gpus is not None:
+        raise WanBenchError("--memory-cap runs on one GPU; the --gpus ranks are not capped: choose one")
+    if args.memory_cap is not None:
         from wan_pipeline.run.memory import apply_memory_cap  # before anything is allocated on the card
 
         apply_memory_cap(args.memory_cap)

@@ -347,8 +347,9 @@ class Comparison:
 def gate_failures(base: Run, cur: Run, expected: list[str] | None = None, allow_missing: bool = False) -> list[str]:
     """Why a comparison cannot pass whatever the timings say: a run marked incomplete (interrupted, stopped early,
     failed or unrun tests), or a benchmark of the baseline missing from the current run. `expected` (fnmatch
-    patterns on the benchmark names) narrows what must be present to the benchmarks matching them, and each
-    pattern must match a benchmark of the current run; `allow_missing` accepts a smaller current run."""
+    patterns on the benchmark names) narrows what must be present to the benchmarks matching them: each pattern must
+    match a benchmark of the current run, and every baseline benchmark it matches must be there too;
+    `allow_missing` accepts a smaller current run."""
     from fnmatch import fnmatchcase
 
     failures = []
@@ -356,10 +357,17 @@ def gate_failures(base: Run, cur: Run, expected: list[str] | None = None, allow_
         if run.incomplete is not None:
             failures.append(f"the {which} run {run.path} is incomplete: {run.incomplete_reason()}")
     if expected:
+        def matches(pattern, key, bench):
+            return fnmatchcase(key, pattern) or fnmatchcase(str(bench.get("name")), pattern)
+
         for pattern in expected:
-            if not any(fnmatchcase(k, pattern) or fnmatchcase(str(b.get("name")), pattern)
-                       for k, b in cur.benchmarks.items()):
+            if not any(matches(pattern, k, b) for k, b in cur.benchmarks.items()):
                 failures.append(f"expected benchmark {pattern!r} is not in the current run {cur.path}")
+                continue
+            missing = [k for k, b in base.benchmarks.items() if matches(pattern, k, b) and k not in cur.benchmarks]
+            if missing:
+                failures.append(f"{len(missing)} benchmark(s) of the baseline matching {pattern!r} missing from "
+                                f"the current run: {', '.join(missing)}")
     elif not allow_missing:
         missing = [k for k in base.benchmarks if k not in cur.benchmarks]
         if missing:

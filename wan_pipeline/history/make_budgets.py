@@ -109,35 +109,44 @@ class MadeBudgets:
 
 
 def run_problem(run: Run) -> str | None:
-    """Why a run is marked partial or failed as a whole (None: it is not): a --wan-gpus worker that did not finish,
-    or benchmark cases the session collected and never ran (stopped by -x, interrupted, killed)."""
+    """Why a run is partial as a whole (None: it is not), from the structured fields of its `wan_incomplete`
+    record and its workers: interrupted or stopped early, a --wan-gpus worker that did not finish (one whose tests
+    failed did finish: only those benchmarks are skipped), tests collected that never ran. A memory-capped run
+    emulates a smaller card on this one's compute: its times are no budget for this card."""
+    if run.memory_cap is not None:
+        return (f"capped: run under a {run.memory_cap / 1e9:.2f} GB memory cap (it emulates a smaller card's memory on "
+                f"this card's compute); budgets are made from uncapped runs")
     for worker in run.data.get("wan_workers") or []:
         if isinstance(worker, dict) and worker.get("status") not in ("ok", "tests failed"):
             return (f"partial: worker {worker.get('worker')} on {worker.get('device')} {worker.get('status')}"
                     + (f" ({worker['problem']})" if worker.get("problem") else ""))
     incomplete = run.data.get("wan_incomplete")
     if isinstance(incomplete, dict):
+        if incomplete.get("stopped"):
+            return f"partial: {incomplete['stopped']}"
+        for worker in incomplete.get("workers") or []:
+            if isinstance(worker, dict) and worker.get("status") not in ("ok", "tests failed"):
+                return f"partial: worker {worker.get('index')} {worker.get('status')}"
         if incomplete.get("not_run"):
             not_run = list(incomplete["not_run"])
             return f"partial: {len(not_run)} collected test(s) never ran, e.g. {not_run[0]}"
-        stops = [r for r in incomplete.get("reasons") or [] if not str(r).endswith("test(s) failed")]
-        if stops:
-            return f"partial: {'; '.join(map(str, stops))}"
     return None
 
 
 def failed_tests(run: Run) -> dict[str, str]:
-    """node id -> why, for each test of the run that failed (its own session's record, and each worker's)."""
+    """node id -> why, for each test of the run that failed: the session's own reason where it kept one, else the
+    worker (and its log) it failed on."""
     failed: dict[str, str] = {}
     incomplete = run.data.get("wan_incomplete")
-    if isinstance(incomplete, dict):
-        why = incomplete.get("why") if isinstance(incomplete.get("why"), dict) else {}
-        failed.update({str(n): str(why.get(n, "failed in its session")) for n in incomplete.get("failed") or []})
+    why = incomplete.get("why") if isinstance(incomplete, dict) and isinstance(incomplete.get("why"), dict) else {}
     for worker in run.data.get("wan_workers") or []:
         outcomes = worker.get("outcomes") if isinstance(worker, dict) else None
         for nodeid, outcome in (outcomes or {}).items():
             if outcome == "failed":
                 failed.setdefault(str(nodeid), f"failed on worker {worker.get('worker')} (its log: {worker.get('log')})")
+    for nodeid in (incomplete.get("failed") or []) if isinstance(incomplete, dict) else []:
+        if nodeid in why or nodeid not in failed:
+            failed[str(nodeid)] = str(why.get(nodeid, "failed in its session"))
     return failed
 
 

@@ -20,7 +20,16 @@ from wan_pipeline.measure.telemetry import gpu_slug
 DEFAULT_STORAGE = ".benchmarks"  # pytest-benchmark's own default --benchmark-storage
 # The top-level key the wan-bench plugin writes into the JSON of a session that did not run to the end
 # (interrupted, stopped early, failed or unrun tests); its benchmark entries are left as they are.
-INCOMPLETE_KEY = "wan_incomplete"
+INCOMPLETE_KEY = "wan_incomplete"  # a partial session's record (suite.saving writes it): never a clean run
+
+
+def history_slug(gpu_slug: str, memory_cap: int | None) -> str:
+    """The history folder of a GPU model, a capped run in its own: `<gpu slug>-cap24gb` (24 x 10^9 bytes) or
+    `-cap16gib` (16 x 2^30), else `-cap<bytes>b`: a capped run emulates a smaller card and never mixes with the
+    uncapped one's history (the suite saves there; compare groups runs by it)."""
+    from wan_pipeline.plan.memory import cap_label
+
+    return gpu_slug if memory_cap is None else f"{gpu_slug}-cap{cap_label(memory_cap)}"
 
 
 class HistoryError(WanBenchError):
@@ -93,10 +102,7 @@ class Run:
     @property
     def history_slug(self) -> str:
         """The GPU model, and the cap of a capped run: runs with different ones are not comparable."""
-        from wan_pipeline.plan.memory import cap_label
-
-        cap = self.memory_cap
-        return self.gpu_slug if cap is None else f"{self.gpu_slug}-cap{cap_label(cap)}"
+        return history_slug(self.gpu_slug, self.memory_cap)
 
     @property
     def env(self) -> dict:

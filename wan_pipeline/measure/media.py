@@ -92,6 +92,12 @@ def expected_frame_count(meta: dict) -> int | None:
     return round(duration * fps)
 
 
+def is_truncated(read: int, expected: int) -> bool:
+    """Fewer frames than the header promises, beyond a slack of one frame or 2 %: a container's duration may run
+    past its video stream (a longer audio track, rounding, a variable frame rate); a clip cut short misses more."""
+    return read < expected - max(1, round(0.02 * expected))
+
+
 def _read_ffmpeg(path: Path, allow_partial: bool = False) -> list[np.ndarray]:
     imageio_ffmpeg = _imageio_ffmpeg(path, VideoReadError)
 
@@ -116,7 +122,7 @@ def _read_ffmpeg(path: Path, allow_partial: bool = False) -> list[np.ndarray]:
     finally:
         gen.close()
     expected = expected_frame_count(meta)
-    if expected is not None and frames and len(frames) < expected:
+    if expected is not None and frames and is_truncated(len(frames), expected):
         message = (f"{path}: truncated: {len(frames)} of {expected} frames read (the header says "
                    f"{meta['duration']} s at {meta['fps']:g} fps)")
         if not allow_partial:

@@ -122,9 +122,9 @@ def quantize_per_head(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     from wan_pipeline.run.fp8_attention import FP8_E4M3_MAX
 
     amax = x.abs().amax(dim=(1, 3)).float().clamp(min=1e-12)  # [batch, heads]
-    scale = FP8_E4M3_MAX / amax
-    x8 = (x * scale[:, None, :, None].to(x.dtype)).to(torch.float8_e4m3fn)
-    return x8, scale.reciprocal()
+    scale = (FP8_E4M3_MAX / amax).to(x.dtype)  # the multiply runs in x's dtype: its descale is of this rounded scale
+    x8 = (x * scale[:, None, :, None]).to(torch.float8_e4m3fn)
+    return x8, scale.float().reciprocal()
 
 
 def _fa3(fp8: bool) -> Callable:

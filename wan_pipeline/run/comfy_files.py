@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     except WanBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a folder it may not write: the files written so far are whole
+        print(f"error: writing the model files under {args.models_dir} failed: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

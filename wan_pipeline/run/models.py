@@ -132,7 +132,7 @@ def random_transformer(config: dict, device: torch.device, dtype: torch.dtype, s
         return keep_fp32_modules(build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed))
     with built_in_host():
         model = build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed)
-    return to_host(keep_fp32_modules(to_host(model, pin=False)), pin=False)
+    return to_host(keep_fp32_modules(to_host(model, pin=False)))  # pinned: the fp32 casts made new host tensors
 
 
 def random_vae(config: dict, device: torch.device, dtype: torch.dtype, seed: int) -> torch.nn.Module:

@@ -16,11 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wan_pipeline.errors import WanBenchError
 from wan_pipeline.fsutil import atomic_write_json
 from wan_pipeline.plan.config import ModelSetKey, RunConfig, config_to_dict
 from wan_pipeline.plan.plan import Plan, make_plan, uses_cfg
-from wan_pipeline.run import attention, conditioning, vae_kernels
 from wan_pipeline.plan.memory import working_memory
+from wan_pipeline.run import attention, conditioning, vae_kernels
 from wan_pipeline.run.models import ModelSet, Residency, load_model_set, resolve_run_precision
 from wan_pipeline.run.sampler import flow_denoiser, run_pass
 
@@ -120,6 +121,11 @@ def configure(models: ModelSet, plan: Plan) -> Prepared:
         notes.append(f"VAE in {vae_bands.parts} bands of rows one after another (halo {vae_bands.halo} latent rows), "
                      f"as ComfyUI's tiled VAE nodes: less memory, frames close to the whole-frame VAE's")
     compile_enabled = models.key.compile
+    if compile_enabled and residency.policy == "stream-expert" and models.device.type == "cuda":
+        raise WanBenchError(
+            f"{plan.config.name}: compile with streamed experts is not supported: the blocks compile as full graphs "
+            f"and diffusers' group-offloading hooks, which bring each block in, are not traceable; run without "
+            f"compile, or with a memory cap that keeps an expert whole (residency {residency.policy} was chosen)")
     if compile_enabled and not getattr(models, "_compiled", False):
         for expert in models.experts.values():
             expert.compile_repeated_blocks(fullgraph=True)

@@ -48,11 +48,12 @@ class CaseProgress:
         self.index += 1
         c = case.config
         what = (f"{item.name}: preset {c.name}, {case.mode} mode, {c.precision}, {c.attention}, "
-                f"compile {int(c.compile)}")
+                f"compile {int(c.compile)}") if c is not None else f"{item.name}: on a ComfyUI server"
         self._write(f"wan-bench: case {self.index} of {self.total} starts: {what} (session {self._elapsed()})")
         start = time.perf_counter()
         outcome = yield
-        result = "failed" if outcome.excinfo is not None else "done"
+        skipped = outcome.excinfo is not None and issubclass(outcome.excinfo[0], pytest.skip.Exception)
+        result = "skipped" if skipped else ("failed" if outcome.excinfo is not None else "done")
         self._write(f"wan-bench: case {self.index} of {self.total} {result} in "
                     f"{_duration(time.perf_counter() - start)}: {item.name} (session {self._elapsed()})")
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from wan_pipeline.history.runs import INCOMPLETE_KEY, history_slug  # one record of a partial session, one folder rule
+
 
 @dataclass
 class Saving:
@@ -36,8 +38,6 @@ class Saving:
 
 SAVING_KEY = pytest.StashKey[Saving]()
 
-# The top-level key of a session JSON that did not run to the end (the benchmark entries are left as they are).
-INCOMPLETE_KEY = "wan_incomplete"
 
 
 @dataclass(eq=False)  # registered as a plugin: hashed by identity
@@ -94,7 +94,9 @@ class Completeness:
         if not_run:
             reasons.append(f"{len(not_run)} collected test(s) did not run")
         why = {n: self.why[n] for n in failed if n in self.why}
-        return {"reasons": reasons, "failed": failed, "why": why, "not_run": not_run, "exitstatus": self.exitstatus}
+        workers = [{"index": w.index, "status": w.status} for w in workers or []]
+        return {"reasons": reasons, "failed": failed, "why": why, "not_run": not_run, "stopped": self.stopped,
+                "workers": workers, "exitstatus": self.exitstatus}
 
 
 def _why(report) -> str:
@@ -138,12 +140,8 @@ def file_storage_root(storage: str) -> Path | None:
 
 
 def storage_slug(gpu_slug: str, memory_cap: int | None) -> str:
-    """The history folder of a GPU model, a capped run in its own: `<gpu slug>-cap24gb` (24 x 10^9 bytes) or
-    `-cap16gib` (16 x 2^30), else `-cap<bytes>b`: a capped run emulates a smaller card and never mixes with the
-    uncapped one's history."""
-    from wan_pipeline.plan.memory import cap_label
-
-    return gpu_slug if memory_cap is None else f"{gpu_slug}-cap{cap_label(memory_cap)}"
+    """Where a session of this GPU (and cap) keeps its history: the folder compare groups its runs by."""
+    return history_slug(gpu_slug, memory_cap)
 
 
 def configure_storage(config, slug: str) -> Saving:

@@ -17,9 +17,10 @@ def check_option_files(options: WanOptions) -> None:
     checks = []
     if options.budgets:
         checks.append(("--wan-budgets / WAN_BUDGETS", _budgets))
-    if options.workflow:
+    if options.workflow and not options.comfyui:  # a server runs what it can load: its prompt is checked there
         checks.append(("--wan-workflow / WAN_WORKFLOW", _workflow))
-    checks.append(("--wan-models / WAN_MODELS_DIR", _mode))
+    if not options.comfyui:  # the server loads its own models
+        checks.append(("--wan-models / WAN_MODELS_DIR", _mode))
     checks.append(("--wan-preset / --wan-vae-bands", _presets))
     for where, check in checks:
         try:
