@@ -30,8 +30,8 @@ def test_generation(benchmark, wan_case, wan_model_cache, wan_options, wan_budge
         load_seconds = wan_model_cache.last_load_seconds if len(wan_model_cache.loads) > loads_before else 0.0
         run = CaseRun(plan, prepared)
         run.warm_up(wan_options.warmup if wan_model_cache.warm_up_needed(plan, prepared) else 0)
-        benchmark.pedantic(wan_round_progress(run.generate_once, wan_options.rounds), rounds=wan_options.rounds,
-                           iterations=1)
+        benchmark.pedantic(run.generate_once, rounds=wan_options.rounds, iterations=1,
+                           teardown=wan_round_progress(wan_options.rounds, lambda: run.rounds[-1].total_seconds))
         run.finish()
 
     last = run.rounds[-1]

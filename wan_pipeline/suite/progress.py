@@ -11,7 +11,7 @@ import pytest
 
 
 class CaseProgress:
-    """Registered by the plugin; `round_timer` wraps a round function so that each round reports itself."""
+    """Registered by the plugin; `round_reporter` gives benchmark.pedantic a teardown that reports each round."""
 
     def __init__(self, config):
         self.config = config
@@ -57,19 +57,16 @@ class CaseProgress:
         self._write(f"wan-bench: case {self.index} of {self.total} {result} in "
                     f"{_duration(time.perf_counter() - start)}: {item.name} (session {self._elapsed()})")
 
-    def round_timer(self, function, rounds: int):
-        """`function` reporting `round i of n: seconds` after each call (for benchmark.pedantic)."""
+    def round_reporter(self, rounds: int, seconds):
+        """A pytest-benchmark `teardown` for benchmark.pedantic: after each timed round (outside the timed call),
+        `round i of n: seconds`, the seconds read from the round's own record by `seconds()`."""
         count = [0]
 
-        def timed(*args, **kwargs):
-            start = time.perf_counter()
-            result = function(*args, **kwargs)
+        def report(*_args, **_kwargs):
             count[0] += 1
-            self._write(f"wan-bench:   round {count[0]} of {rounds}: {time.perf_counter() - start:.2f} s "
-                        f"(session {self._elapsed()})")
-            return result
+            self._write(f"wan-bench:   round {count[0]} of {rounds}: {seconds():.2f} s (session {self._elapsed()})")
 
-        return timed
+        return report
 
 
 def _duration(seconds: float) -> str:
@@ -91,9 +88,9 @@ def track_progress(config) -> CaseProgress:
 
 @pytest.fixture
 def wan_round_progress(pytestconfig):
-    """Wrap a round function so that each timed round prints `round i of n` (a no-op wrapper without the plugin's
-    progress tracker)."""
+    """`wan_round_progress(rounds, seconds)`: the teardown that prints `round i of n` after each timed round (None,
+    no teardown, without the plugin's progress tracker)."""
     progress = pytestconfig.stash.get(PROGRESS_KEY, None)
     if progress is None:
-        return lambda function, rounds: function
-    return progress.round_timer
+        return lambda rounds, seconds: None
+    return progress.round_reporter
