@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 
 from wan_pipeline.plan import config as cfg
 from wan_pipeline.run.loading import (CheckpointError, LoadingError, MissingModelFiles, PickleCheckpointRefused,
-                                      find_model_files, has_model_files, load_expert_weights, load_text_encoder,
+                                      find_model_files, load_expert_weights, load_text_encoder,
                                       load_transformer, load_vae)
+from wan_pipeline.run.model_files import auto_mode
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +197,7 @@ def test_find_comfyui_files(tmp_path, legacy, given):
     assert files.experts["low"].model.name == cfg.LOW_NOISE_MODEL
     assert files.experts["high"].lora.name == cfg.HIGH_NOISE_LORA and files.experts["high"].lora_strength == 1.0
     assert files.text_encoder.name == cfg.TEXT_ENCODER and files.vae.name == cfg.VAE
-    assert has_model_files(models, run_config())
+    assert auto_mode(models, [run_config()])[0] == "real"  # what auto does with a complete folder
 
 
 def test_missing_files_listed(tmp_path):
@@ -212,8 +213,9 @@ def test_missing_files_listed(tmp_path):
     for folder in ("diffusion_models", "unet", "loras", "text_encoders", "clip", "vae"):
         assert str(models / folder) in msg
     assert "pickle checkpoints are refused" in msg
-    assert not has_model_files(models, run_config())
-    assert not has_model_files(tmp_path / "nothing", run_config())
+    for folder in (models, tmp_path / "nothing"):  # auto never falls back from a folder it was given
+        with pytest.raises(LoadingError, match="is not usable"):
+            auto_mode(folder, [run_config()])
     with pytest.raises(MissingModelFiles, match="model_index.json"):
         find_model_files(tmp_path / "nothing", run_config())
 

@@ -10,7 +10,7 @@ from wan_pipeline.plan.config import ModelSetKey
 from wan_pipeline.plan.plan import make_plan
 from wan_pipeline.plan.presets import get_preset
 from wan_pipeline.run import conditioning
-from wan_pipeline.run.model_files import resolve_mode
+from wan_pipeline.run.model_files import LoadingError, auto_mode
 from wan_pipeline.run.models import Residency, load_model_set
 
 GB = 10**9
@@ -39,10 +39,13 @@ def test_synthetic_on_a_cpu_is_refused():
 
 
 def test_auto_mode_without_models_is_tiny_on_a_cpu_and_synthetic_on_a_gpu(tmp_path, monkeypatch):
+    from wan_pipeline.measure import telemetry
+
     for has_gpu, mode in ((False, "tiny"), (True, "synthetic")):  # the device probe forced, on any machine
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: has_gpu)
-        assert resolve_mode("auto", None) == mode
-        assert resolve_mode("auto", str(tmp_path)) == mode  # a folder without the files
+        monkeypatch.setattr(telemetry, "cuda_available", lambda: has_gpu)
+        assert auto_mode(None)[0] == mode
+        with pytest.raises(LoadingError, match=f"models folder {tmp_path} .* is not usable"):
+            auto_mode(str(tmp_path))  # a folder without the files: an error, never this fall-back
 
 
 class FakeSet:

@@ -50,7 +50,7 @@ def configs_from_args(args: argparse.Namespace) -> list[RunConfig]:
     if args.workflow:
         from wan_pipeline.plan.comfy import load_workflow_configs, locate_input_image
 
-        mode = resolve_mode_for_plan(args.mode, args.models, args.workflow)
+        mode = mode_and_reason(args.mode, args.models, args.workflow)[0]
         configs = [locate_input_image(c, args.workflow, args.models, mode)
                    for c in load_workflow_configs(args.workflow)]
     else:
@@ -138,10 +138,6 @@ def format_memory(plan: Plan) -> str:
              "    per stage: " + ", ".join(f"{k} {memory.format_bytes(v)}" for k, v in stages.items()),
              "    every policy: " + ", ".join(f"{k} {memory.format_bytes(v)}" for k, v in choice.needs.items())]
     return "\n".join(lines)
-
-
-def resolve_mode_for_plan(requested: str, models_dir: str | None, workflow: str | None = None) -> str:
-    return mode_and_reason(requested, models_dir, workflow)[0]
 
 
 def mode_and_reason(requested: str, models_dir: str | None, workflow: str | None = None) -> tuple[str, str]:

@@ -28,12 +28,12 @@ from accelerate import init_empty_weights  # parameters on the meta device, buff
 from wan_pipeline.run.lora import LoraError, LoraReport, apply_lora
 from wan_pipeline.run.model_files import (CheckpointError, LoadingError, MissingModelFiles, ModelFiles,
                                           PickleCheckpointRefused, _diffusers_weight_files, find_model_files,
-                                          has_model_files, read_safetensors_header)
+                                          read_safetensors_header)
 
 __all__ = [
     "CheckpointError", "ExpertWeights", "LoadingError", "LoraError", "MissingModelFiles", "ModelFiles",
     "PickleCheckpointRefused", "UMT5Tokenizer", "TokenizedPrompt", "build_transformer", "find_model_files",
-    "has_model_files", "load_expert_weights", "load_text_encoder", "load_transformer", "load_vae", "read_safetensors",
+    "load_expert_weights", "load_text_encoder", "load_transformer", "load_vae", "read_safetensors",
 ]
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")

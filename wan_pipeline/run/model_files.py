@@ -139,17 +139,6 @@ def find_model_files(models_dir, config: RunConfig) -> ModelFiles:
     return ModelFiles("comfyui", models, found, te, vae)
 
 
-def has_model_files(models_dir, config: RunConfig) -> bool:
-    """True when :func:`find_model_files` would succeed (for choosing the real mode automatically)."""
-    if models_dir is None:
-        return False
-    try:
-        find_model_files(models_dir, config)
-    except LoadingError:
-        return False
-    return True
-
-
 def _diffusers_weight_files(folder: Path, missing: list | None = None) -> list[Path]:
     """The safetensors shards of a diffusers/transformers component folder (index json honoured)."""
     if not (folder / "config.json").is_file():
@@ -231,20 +220,6 @@ def read_safetensors_header(path) -> tuple[dict, dict]:
             raise CheckpointError(f"{path}: tensor {name} ends at byte {end} of the data but the file holds only "
                                   f"{data_bytes} bytes of data: the file is truncated")
     return header, metadata
-
-
-def resolve_mode(requested: str, models_dir: str | None, config: RunConfig | None = None) -> str:
-    """auto: real when the model files are found, else synthetic on a GPU, else tiny. Decided without torch."""
-    if requested != "auto":
-        return requested
-    if models_dir:
-        from wan_pipeline.plan.presets import get_preset
-
-        if has_model_files(models_dir, config or get_preset("seed-832x1216-49f")):
-            return "real"
-    from wan_pipeline.measure.telemetry import cuda_available
-
-    return "synthetic" if cuda_available() else "tiny"
 
 
 def auto_mode(models_dir: str | None, configs: list[RunConfig] | None = None) -> tuple[str, str]:

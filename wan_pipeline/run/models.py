@@ -349,11 +349,6 @@ def _tensors(module: torch.nn.Module):
     yield from module.named_buffers()
 
 
-def working_memory_estimate(tokens: int, width: int, height: int, inner_dim: int = 5120, vae_bands: int = 1) -> int:
-    """Bytes a run needs beyond the weights (plan.memory.working_memory_bytes)."""
-    return working_memory_bytes(tokens, width, height, inner_dim, vae_bands)
-
-
 def experts_in_host(key: ModelSetKey, device: torch.device, config: RunConfig | None) -> bool:
     """Whether the experts are built or loaded in pinned host memory: when the policy the memory budget allows for
     this plan (estimated A14B sizes) does not keep both experts on the device at once."""
