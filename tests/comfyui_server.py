@@ -3,7 +3,11 @@ the CPU (a free loopback port, a temporary base folder with the tiny model set o
 small custom node package), stopped at the end of the session.
 
 ComfyUI builds its UMT5 text encoder at full XXL size whatever the file holds, so the test graphs take their
-conditioning from the custom node ``WanBenchTestConditioning`` instead of CLIPLoader + CLIPTextEncode. Its VAELoader
+conditioning from the custom node ``WanBenchTestConditioning`` instead of CLIPLoader + CLIPTextEncode, or, where a
+graph must keep the template's CLIPLoader (the cross-check, which wan-bench reads as well), load the tiny umt5 file
+``TINY_TEXT_ENCODER``: the custom node package answers CLIPLoader for that one name with the conditioning
+`precompute_conditioning` wrote beside the file (wan-bench's encoder on that file), and leaves every other name to
+ComfyUI. Its VAELoader
 builds the Wan 2.1 VAE at its fixed width (dim 96) from any Wan 2.1 state dict (the shapes are not read), so the
 test VAE is that size, with random weights.
 """
@@ -23,12 +27,14 @@ from pathlib import Path
 
 import pytest
 
-SNAPSHOT = Path(__file__).resolve().parents[1].parent / "shared" / "comfyui" / "ComfyUI-0.3.64-a125cd8.tar.gz"
+CHECKOUT = Path(__file__).resolve().parents[1]  # the custom nodes import wan_pipeline from here
+SNAPSHOT = CHECKOUT.parent / "shared" / "comfyui" / "ComfyUI-0.3.64-a125cd8.tar.gz"
 # ComfyUI's imports beyond wan-bench's own that its Wan path and its server need (its requirements.txt names them).
 COMFY_DEPENDENCIES = ("torchsde", "av", "einops", "psutil", "scipy", "tqdm", "yaml", "PIL", "safetensors",
                       "transformers", "sentencepiece", "tokenizers")
 SERVER_DEPENDENCIES = ("aiohttp", "yarl", "alembic", "sqlalchemy", "comfyui_frontend_package", "websocket")
 INPUT_IMAGE = "start.png"
+TINY_TEXT_ENCODER = "wan-bench-tiny-umt5.safetensors"
 
 CUSTOM_NODE = '''
 """wan-bench test nodes: conditioning without the XXL text encoder, and a node that takes its time."""
@@ -99,6 +105,44 @@ class WanBenchTestExit:
         os._exit(code)
 
 
+class _PrecomputedText:
+    """What CLIPLoader returns for the tiny umt5 file: the conditioning of each prompt as wan-bench's encoder computes
+    it from that file, precomputed by the test (ComfyUI would build the XXL model whatever the file holds)."""
+
+    def __init__(self, path):
+        from safetensors.torch import load_file
+
+        self.path = path + ".conditioning.safetensors"
+        self.by_text = load_file(self.path)
+
+    def tokenize(self, text, **kwargs):
+        return text
+
+    def encode_from_tokens_scheduled(self, text, **kwargs):
+        import hashlib
+
+        key = hashlib.sha256(text.encode()).hexdigest()
+        if key not in self.by_text:
+            raise RuntimeError(f"{self.path} holds no conditioning for the prompt {text[:60]!r}")
+        return [[self.by_text[key].clone(), {}]]
+
+
+def _patch_clip_loader():
+    import folder_paths
+    import nodes
+
+    original = nodes.CLIPLoader.load_clip
+
+    def load_clip(self, clip_name, type="stable_diffusion", device="default"):
+        if clip_name != "wan-bench-tiny-umt5.safetensors":
+            return original(self, clip_name, type, device)
+        return (_PrecomputedText(folder_paths.get_full_path_or_raise("text_encoders", clip_name)),)
+
+    nodes.CLIPLoader.load_clip = load_clip
+
+
+_patch_clip_loader()
+
 NODE_CLASS_MAPPINGS = {"WanBenchTestConditioning": WanBenchTestConditioning, "WanBenchTestSleep": WanBenchTestSleep,
                        "WanBenchTestFail": WanBenchTestFail, "WanBenchTestExit": WanBenchTestExit}
 '''
@@ -156,8 +200,8 @@ def free_port() -> int:
 
 def write_models_tree(base: Path) -> None:
     """The tiny model set of `wan_pipeline.run.comfy_files` (the files wan-bench reads too) in ComfyUI's folder
-    layout, without the text encoder (the test graphs use the conditioning node), the start image and the custom
-    node package."""
+    layout, the text encoder under the test name (``TINY_TEXT_ENCODER``), the start image and the custom node
+    package."""
     import numpy as np
     from PIL import Image
 
@@ -165,7 +209,9 @@ def write_models_tree(base: Path) -> None:
     from wan_pipeline.run.comfy_files import write_comfyui_models
 
     write_comfyui_models(base / "models", "tiny", seed=10)
-    (base / "models" / "text_encoders" / TEXT_ENCODER).unlink()  # ComfyUI would build the XXL encoder for it
+    # ComfyUI would build the XXL encoder for the template's name; the custom nodes answer the test name
+    encoders = base / "models" / "text_encoders"
+    (encoders / TEXT_ENCODER).rename(encoders / TINY_TEXT_ENCODER)
     (base / "input").mkdir(parents=True, exist_ok=True)
     y, x = np.mgrid[0:64, 0:64]
     Image.fromarray(np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(np.uint8)).save(base / "input" / INPUT_IMAGE)
@@ -182,7 +228,8 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="",
-                   PYTHONPATH=os.pathsep.join(extra_path + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+                   PYTHONPATH=os.pathsep.join(extra_path + [str(CHECKOUT)] +
+                                              [p for p in [os.environ.get("PYTHONPATH")] if p]))
         cmd = [sys.executable, str(root / "main.py"), "--cpu", "--force-fp32", "--fp32-vae", "--listen", "127.0.0.1",
                "--port", str(self.port), "--base-directory", str(base), "--disable-auto-launch",
                "--database-url", "sqlite:///:memory:", *flags]
@@ -232,3 +279,29 @@ def start_server(tmp_path_factory, flags: tuple[str, ...] = (), base: Path | Non
     server = ComfyServer(root, base, log, torchvision_stub(base / "stubs"), flags)
     server.wait_ready()
     return server, base
+
+
+def precompute_conditioning(models: Path, prompts: list[str]) -> Path:
+    """Each prompt's conditioning as wan-bench encodes it from the tiny umt5 file (load, fp8 storage as the file has
+    it, tokenize, encode), beside the file, for the custom nodes' CLIPLoader stand-in to return."""
+    import hashlib
+    from types import SimpleNamespace
+
+    import torch
+    from safetensors.torch import save_file
+
+    from wan_pipeline.run.conditioning import encode_text
+    from wan_pipeline.run.loading import load_text_encoder
+    from wan_pipeline.run.precision import store_text_encoder_fp8
+
+    path = models / "text_encoders" / TINY_TEXT_ENCODER
+    encoder, tokenizer = load_text_encoder(path, device="cpu", dtype=torch.float32)
+    if encoder.fp8_file_scales:
+        store_text_encoder_fp8(encoder, torch.float32, encoder.fp8_file_scales)
+    models_like = SimpleNamespace(tokenizer=tokenizer, text_encoder=encoder, device=torch.device("cpu"),
+                                  dtype=torch.float32)
+    with torch.no_grad():
+        out = {hashlib.sha256(p.encode()).hexdigest(): encode_text(models_like, p).contiguous() for p in prompts}
+    target = path.with_name(path.name + ".conditioning.safetensors")
+    save_file(out, target)
+    return target

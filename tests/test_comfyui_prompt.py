@@ -8,7 +8,8 @@ import pytest
 
 from wan_pipeline.errors import WorkflowError
 from wan_pipeline.history.comfyui import comfyui_changes
-from wan_pipeline.plan.comfy.api import node_stages, prompt_matrix, prompt_variant, sampler_steps, to_api_prompt
+from wan_pipeline.plan.comfy.api import (node_stages, prompt_matrix, prompt_variant, sampler_steps, to_api_prompt,
+                                         with_saved_latent)
 from wan_pipeline.run.comfyui.client import timeline
 
 INFO = {  # what /object_info declares for these classes (inputs, their order, the seed control)
@@ -83,6 +84,18 @@ def test_stages_follow_class_and_position():
     assert node_stages(WAN) == {"1": "load", "9": "load", "2": "text_encode", "3": "image_encode", "4": "pass1",
                                 "5": "pass2", "6": "decode", "7": "save"}
     assert sampler_steps(WAN) == 4
+
+
+def test_the_final_latent_is_saved_from_what_the_decode_receives():
+    saved, node = with_saved_latent(WAN, "wf.json")
+    assert node == "10" and node not in WAN  # the prompt given is left as it was
+    assert saved[node]["class_type"] == "SaveLatent" and saved[node]["inputs"]["samples"] == ["5", 0]
+    assert node_stages(saved)[node] == "other" and {k: v for k, v in saved.items() if k != node} == WAN
+    with pytest.raises(WorkflowError, match="wf.json: no VAEDecode node"):
+        with_saved_latent({k: v for k, v in WAN.items() if k not in ("6", "7")}, "wf.json")
+    two = dict(WAN, **{"8": {"class_type": "VAEDecode", "inputs": {"samples": ["4", 0]}}})
+    with pytest.raises(WorkflowError, match="decode nodes 6, 8 take different latents"):
+        with_saved_latent(two, "wf.json")
 
 
 def test_variants_edit_length_cfg_and_the_seed_of_the_noisy_pass():

@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from comfyui_server import INPUT_IMAGE, free_port, start_server
+from comfyui_server import INPUT_IMAGE, TINY_TEXT_ENCODER, free_port, precompute_conditioning, start_server
 
 from wan_pipeline.errors import WorkflowError
 from wan_pipeline.plan.comfy import load_workflow_chains
@@ -332,3 +332,46 @@ def test_cli_runs_one_generation_on_the_server(server, workflow, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "wan_pipeline", "run", "--comfyui", f"http://127.0.0.1:{free_port()}",
                           "--workflow", str(workflow)], env=_env(), capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unreachable" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_crosscheck_runs_the_workflow_on_both_sides_and_the_latents_agree(started, object_info, tmp_path):
+    """The template as it is (CLIPLoader and CLIPTextEncode kept, on the tiny umt5 file, whose conditioning the
+    server's stand-in loader returns as wan-bench computes it) on the server and in wan-bench's real mode over the same
+    models folder: the final latents agree to float32 rounding (the server runs --cpu --force-fp32, wan-bench's CPU
+    runs compute in float32), so the sampling, the image encode, the LoRA merge and the fp8 files match."""
+    server, base = started
+    path = template("comfyui_workflow_templates")
+    prompt = to_api_prompt(json.loads(path.read_text()), object_info, str(path))
+    prompt["84"]["inputs"]["clip_name"] = TINY_TEXT_ENCODER
+    prompt["97"]["inputs"]["image"] = INPUT_IMAGE
+    prompt["98"]["inputs"].update(width=32, height=32, length=5)
+    precompute_conditioning(base / "models", [prompt[n]["inputs"]["text"] for n in ("93", "89")])
+    workflow = tmp_path / "wan-tiny-text-api.json"
+    workflow.write_text(json.dumps(prompt))
+    out = tmp_path / "out"
+    run = subprocess.run([sys.executable, "-m", "wan_pipeline", "crosscheck", "--comfyui", server.url, "--workflow",
+                          str(workflow), "--models", str(base / "models"), "--seed", "7", "--out", str(out)],
+                         env=dict(_env(), WAN_INPUT_DIR=str(base / "input")), capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    record = json.loads(next(out.glob("crosscheck-*.json")).read_text())
+    assert record["seed"] == 7 and record["comfyui"]["version"] == "0.3.64"
+    assert record["latent"]["shape"][-3:] == [2, 4, 4]  # 5 frames, 32x32: [.., 16, 2, 4, 4]
+    assert record["latent"]["cosine"] > 0.9999, record["latent"]
+    assert record["latent"]["relative_l2"] < 1e-2, record["latent"]
+    for side in ("comfyui", "wan_bench"):
+        assert record[side]["stages"]["pass1"] > 0 and record[side]["stages"]["pass2"] > 0
+        assert Path(record[side]["latent_file"]).stat().st_size > 0
+    assert record["comfyui"]["stages"].get("text_encode", 0.0) == 0.0  # the unchanged prompt: cached by the warm-up
+    assert record["ratio_comfyui_over_wan_bench"] > 0 and "pass1" in record["common_stages"]
+    assert "cosine" in run.stdout and "ComfyUI / wan-bench" in run.stdout
+
+    # the measure discriminates: the server's warm-up latent (seed 8, saved first) is far from wan-bench's seed 7
+    from safetensors.numpy import load_file
+
+    from wan_pipeline.measure.agreement import latent_agreement
+
+    saved = sorted((base / "output" / "wan-bench").glob("final_*_.latent"))
+    warmup = load_file(saved[-2])["latent_tensor"]
+    ours = load_file(record["wan_bench"]["latent_file"])["latent_tensor"]
+    assert latent_agreement(warmup, ours)["cosine"] < 0.99

@@ -22,6 +22,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "report": ("wan_pipeline.cli.history", "write an HTML page and a markdown summary with plots of the history"),
     "results": ("wan_pipeline.cli.history", "rewrite a markdown file's results table from stored benchmark files"),
     "budgets": ("wan_pipeline.cli.budgets", "write latency budgets for this card from one of its benchmark runs"),
+    "crosscheck": ("wan_pipeline.cli.crosscheck", "the same workflow on a ComfyUI server and in wan-bench: seconds per "
+                   "stage and the cosine of the two final latents"),
     "metrics": ("wan_pipeline.cli.metrics", "temporal-consistency metrics of a clip (flicker, SSIM, warp, motion)"),
 }
 
@@ -36,6 +38,7 @@ EXAMPLES = """examples:
   wan-bench trend .benchmarks                            where each benchmark stepped, and what changed there
   wan-bench report .benchmarks --out report/             report/index.html and summary.md
   wan-bench metrics out/clip.mp4 --image start.png       temporal consistency of any clip
+  wan-bench crosscheck --comfyui http://127.0.0.1:8188 --workflow wf.json --models ComfyUI/models
 
 the benchmark suite itself is pytest: python3 -m pytest --benchmark-only --benchmark-autosave tests/benchmarks
 exit status: 0 ok, 1 regression / partial run / out of memory, 2 bad input, 130 interrupted"""

@@ -36,6 +36,9 @@ SIZES = ("full", "tiny")
 # states and a 256-wide frequency embedding: the tiny experts keep those.
 TINY_COMFY_EXPERT = dict(num_attention_heads=2, attention_head_dim=128, text_dim=4096, freq_dim=256, ffn_dim=64,
                          num_layers=2)
+# ... so the tiny text encoder gives 4096-wide states too (a few layers, a small vocabulary), and the tiny set runs
+# end to end: wan-bench's real mode on these files, text encoder included.
+TINY_COMFY_UMT5_WIDTH = 4096
 LORA_RANK = {"full": 64, "tiny": 4}
 _BLOCK_LINEAR = re.compile(r"blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]|blocks\.\d+\.ffn\.[02]")
 # AutoencoderKLWan residual-block names -> the original Wan 2.1 VAE's (dim_mult [1, 2, 4, 4], 2 res blocks)
@@ -194,7 +197,7 @@ def write_comfyui_models(root, size: str = "full", seed: int = 0, log=None) -> d
         raise WanBenchError(f"size {size!r}: expected one of {', '.join(SIZES)}")
     root = Path(root)
     expert = A14B_TRANSFORMER if size == "full" else dict(A14B_TRANSFORMER, **TINY_COMFY_EXPERT)
-    umt5 = UMT5_XXL if size == "full" else TINY_UMT5
+    umt5 = UMT5_XXL if size == "full" else dict(TINY_UMT5, d_model=TINY_COMFY_UMT5_WIDTH)
     jobs = [("diffusion_models", HIGH_NOISE_MODEL, lambda: expert_tensors(expert, seed)),
             ("diffusion_models", LOW_NOISE_MODEL, lambda: expert_tensors(expert, seed + 1)),
             ("loras", HIGH_NOISE_LORA, lambda: lora_tensors(expert, LORA_RANK[size], seed + 2)),

@@ -320,3 +320,27 @@ def prompt_matrix(prompt: dict, name: str, lengths=(49, 81, 161), cfgs=(1.0, 3.5
     out += [(f"{name}-{n}f", n, None) for n in lengths if n != length]
     out += [(f"{name}-cfg{c:.1f}", None, c) for c in cfgs if not (now and all(abs(v - c) < 1e-9 for v in now))]
     return out
+
+
+LATENT_PREFIX = "wan-bench/final"
+
+
+def with_saved_latent(prompt: dict, source: str = "the prompt") -> tuple[dict, str]:
+    """A copy of the prompt that also saves the final latent (what the decode node receives) with ComfyUI's own
+    SaveLatent node, and that node's id: how a cross-check reads the server's result before the VAE.
+
+    The final latent is the `samples` input of the decode node; a graph with no decode node, or with several fed
+    from different latents, is an error naming them."""
+    decodes = {nid: e for nid, e in prompt.items() if isinstance(e, dict) and e.get("class_type") in DECODE_CLASSES}
+    links = {tuple(e["inputs"]["samples"]) for e in decodes.values() if _is_link((e.get("inputs") or {}).get("samples"))}
+    if not links:
+        raise WorkflowError(f"{source}: no VAEDecode node with a latent input: nothing marks the final latent")
+    if len(links) > 1:
+        raise WorkflowError(f"{source}: decode nodes {', '.join(sorted(decodes))} take different latents; the "
+                            f"cross-check needs one final latent")
+    out = copy.deepcopy(prompt)
+    numeric = [int(n) for n in out if str(n).isdigit()]
+    node_id = str(max(numeric, default=0) + 1)
+    out[node_id] = {"class_type": "SaveLatent", "_meta": {"title": "wan-bench: final latent"},
+                    "inputs": {"samples": list(next(iter(links))), "filename_prefix": LATENT_PREFIX}}
+    return out, node_id
