@@ -310,6 +310,42 @@ def test_a_host_build_moves_each_submodule_only_once_its_seeded_init_is_final(mo
         assert torch.equal(a, b), name
 
 
+def test_a_host_build_swaps_each_block_to_fp8_before_it_moves_and_equals_an_on_device_quantization(monkeypatch):
+    """With a block quantizer, each transformer block is swapped to fp8 while it is still where it was built and
+    reaches host memory as fp8 only (no full-precision copy of the expert in host memory); the result is bitwise the
+    ordinary build quantized afterwards, and apply_precision leaves the swapped blocks as they are and counts them."""
+    import wan_pipeline.run.memory as memory
+    from wan_pipeline.run.models import TINY_TRANSFORMER, random_transformer
+    from wan_pipeline.run.precision import Fp8Linear, apply_precision, block_quantizer
+
+    moved_dtypes = []
+    real_to_host = memory.to_host
+
+    def recording(module, pin=True):
+        if type(module).__name__ == "WanTransformerBlock":
+            moved_dtypes.append({t.dtype for n, t in module.named_parameters() if n.endswith("weight") and t.ndim == 2})
+        return real_to_host(module, pin)
+
+    monkeypatch.setattr(memory, "to_host", recording)
+    cpu = torch.device("cpu")
+    hosted = random_transformer(TINY_TRANSFORMER, cpu, torch.float32, seed=9, in_host=True,
+                                quantize_block=block_quantizer("fp8-upcast", torch.float32, cpu))
+    assert len(moved_dtypes) == TINY_TRANSFORMER["num_layers"]
+    assert all(d == {torch.float8_e4m3fn} for d in moved_dtypes)  # every 2-D block weight moved as fp8
+    plain = random_transformer(TINY_TRANSFORMER, cpu, torch.float32, seed=9)
+    apply_precision(plain, "fp8-upcast", torch.float32, run_on=cpu)
+    notes = apply_precision(hosted, "fp8-upcast", torch.float32, run_on=cpu)
+    linears = sum(isinstance(m, Fp8Linear) for m in plain.blocks.modules())
+    assert notes == [f"precision fp8-upcast: {linears} block Linear layers as fp8 storage upcast per layer"]
+    a, b = hosted.state_dict(), plain.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.uint8) if a[k].dtype == torch.float8_e4m3fn
+                                                        else a[k], b[k].view(torch.uint8) if b[k].dtype ==
+                                                        torch.float8_e4m3fn else b[k]), k
+    assert block_quantizer("bf16", torch.float32, cpu) is None
+
+
 # The loader reads the head count off a head dim of 128; the text width is the small encoder's.
 TINY_REAL_WAN = dict(num_attention_heads=1, attention_head_dim=128, in_channels=36, out_channels=16, text_dim=16,
                      ffn_dim=64)
@@ -443,3 +479,26 @@ def test_a_memory_cap_with_several_gpus_is_refused_before_anything_runs(capsys):
     assert main(["run", "--mode", "tiny", "--memory-cap", "24GB", "--gpus", "2"]) == 2
     err = capsys.readouterr().err
     assert "--memory-cap runs on one GPU; the --gpus ranks are not capped" in err and "Traceback" not in err
+
+
+def test_pinned_allocations_round_up_to_powers_of_two_and_an_a14b_expert_in_host_memory():
+    from wan_pipeline.plan.memory import (A14B_BLOCK_FP8_ELEMENTS, A14B_BLOCK_WEIGHT_ELEMENTS,
+                                          a14b_pinned_expert_bytes, pinned_allocation_bytes)
+
+    assert [pinned_allocation_bytes(n) for n in (0, 1, 2, 3, 4096, 4097)] == [0, 1, 2, 4, 4096, 8192]
+    assert pinned_allocation_bytes(5120 * 5120) == 32 * 2**20 and pinned_allocation_bytes(5120 * 13824) == 2**27
+    assert sum(A14B_BLOCK_WEIGHT_ELEMENTS) == A14B_BLOCK_FP8_ELEMENTS  # the block weights are the fp8 elements
+    # fp8: 40 blocks x (8 x 32 MiB + 2 x 128 MiB) plus the unrounded rest; 16-bit: twice the rounded weights
+    assert a14b_pinned_expert_bytes(True) == 22_009_694_336
+    assert a14b_pinned_expert_bytes(False) == 43_484_530_816
+
+
+def test_a_host_build_that_would_exhaust_the_host_is_refused_with_the_figures():
+    from wan_pipeline.plan.memory import MemoryCapError
+    from wan_pipeline.run.memory import check_host_room, host_available_bytes
+
+    assert host_available_bytes() > 0
+    check_host_room(10**9, "two experts", available=2 * 10**9)
+    with pytest.raises(MemoryCapError, match=r"two experts need about 44.02 GB \(41.00 GiB\) of pinned host memory, "
+                                             r"and this host has 30.00 GB"):
+        check_host_room(44_019_388_672, "two experts", available=30 * 10**9)

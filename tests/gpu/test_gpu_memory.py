@@ -96,6 +96,25 @@ def test_staged_fp8_quantization_matches_the_on_device_one(cuda):
     _assert_same(_state(hosted), _state(plain), "after quantization")
 
 
+def test_a_host_build_quantized_block_by_block_matches_the_on_device_build_quantized(cuda):
+    """What a capped synthetic run builds: each block swapped to fp8 on the device as it is built, then moved to
+    pinned host memory, bitwise the on-device build quantized afterwards; the device held about one bf16 block."""
+    from wan_pipeline.run.precision import apply_precision, block_quantizer
+
+    torch.cuda.synchronize(cuda)
+    torch.cuda.reset_peak_memory_stats(cuda)
+    base = torch.cuda.memory_allocated(cuda)
+    hosted = random_transformer(SMALL_A14B, cuda, torch.bfloat16, seed=6, in_host=True,
+                                quantize_block=block_quantizer("fp8-scaled-mm-fast", torch.bfloat16, cuda))
+    host_peak = torch.cuda.max_memory_allocated(cuda) - base
+    assert all(t.device.type == "cpu" and t.is_pinned() for t in _tensors(hosted))
+    plain = random_transformer(SMALL_A14B, cuda, torch.bfloat16, seed=6)
+    block = sum(t.numel() * t.element_size() for t in plain.blocks[0].parameters())
+    apply_precision(plain, "fp8-scaled-mm-fast", torch.bfloat16, run_on=cuda)
+    _assert_same(_state(hosted), _state(plain), "quantized while building vs after")
+    assert host_peak < 2 * block
+
+
 @torch.no_grad()
 def test_a_streamed_expert_computes_what_the_resident_one_does_in_less_memory(cuda):
     from wan_pipeline.run.memory import enable_streaming, tensor_bytes

@@ -103,6 +103,26 @@ def a14b_component_bytes(fp8: bool, experts: int = 2) -> ComponentBytes:
                           vae=WAN21_VAE_ELEMENTS * 2, expert_block=block, expert_fixed=expert - A14B_BLOCKS * block)
 
 
+# Each block Linear weight of the A14B experts: 8 of dim x dim (self- and cross-attention q, k, v, out) and the two
+# feed-forward matrices of dim x ffn_dim (5120, 13824).
+A14B_BLOCK_WEIGHT_ELEMENTS = (5120 * 5120,) * 8 + (5120 * 13824,) * 2
+
+
+def pinned_allocation_bytes(n: int) -> int:
+    """What torch's pinned host allocator takes for an `n`-byte tensor: the size rounded up to a power of two (its
+    caching allocator rounds every request so that freed blocks can be reused)."""
+    return 1 << max(int(n) - 1, 0).bit_length() if n > 0 else 0
+
+
+def a14b_pinned_expert_bytes(fp8: bool) -> int:
+    """Pinned host bytes one A14B expert takes in host memory, tensor by tensor as the host build and the loader
+    pin them: the block weights dominate (about 1.5x their size after rounding), the rest is counted unrounded."""
+    width = 1 if fp8 else 2
+    weights = sum(pinned_allocation_bytes(n * width) for n in A14B_BLOCK_WEIGHT_ELEMENTS) * A14B_BLOCKS
+    rest = a14b_component_bytes(fp8, 1).experts[0] - sum(A14B_BLOCK_WEIGHT_ELEMENTS) * width * A14B_BLOCKS
+    return weights + rest
+
+
 # ------------------------------------------------------------------------------------------------ working memory
 
 MARGIN = 3 * GiB  # allocator slack and the text encoder's activations

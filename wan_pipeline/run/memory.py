@@ -96,17 +96,48 @@ def to_host(module: torch.nn.Module, pin: bool = True) -> torch.nn.Module:
     return module
 
 
-@contextlib.contextmanager
-def built_in_host():
-    """Modules constructed inside go to pinned host memory as they are built: each submodule, once its
-    constructor (and so its seeded random init, on the device it was created on) has run, moves to the host when it
-    is attached to its parent. The random draws happen where and in the order they would in an on-device build, so
-    the values are the same, and the device holds little more than one submodule at a time. The caller moves the
-    top module's own tensors with `to_host` afterwards."""
+def host_available_bytes() -> int:
+    """Host memory this process can still take: the system's available memory (psutil), or less where a cgroup
+    (a container's limit) allows less."""
+    import psutil
 
-    def hook(_parent, _name, submodule):
-        if submodule is not None:
-            to_host(submodule, pin=False)
+    available = psutil.virtual_memory().available
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            used = int(open("/sys/fs/cgroup/memory.current").read().strip())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return max(int(available), 0)
+
+
+def check_host_room(needed: int, what: str, available: int | None = None) -> None:
+    """Refuse, with the figures, a host-memory build that would exhaust the host: the kernel's out-of-memory killer
+    would end the whole session without a word instead."""
+    available = host_available_bytes() if available is None else available
+    if needed > available:
+        raise MemoryCapError(f"{what} need about {format_bytes(needed)} of pinned host memory, and this host has "
+                             f"{format_bytes(available)} available: free host memory, give a larger memory cap (the "
+                             f"experts then stay on the card), or run on a host with more memory")
+
+
+@contextlib.contextmanager
+def built_in_host(is_complete=None, finish=None):
+    """Modules constructed inside go to pinned host memory as they are built. The random draws happen where and in
+    the order they would in an on-device build, so the values are the same, and the device holds little more than
+    one submodule at a time. The caller moves the top module's own tensors with `to_host` afterwards.
+
+    A submodule moves when it is attached to its parent and `is_complete(parent, submodule)` says it is finished
+    (every submodule, without it): a transformer block waits until it is whole, so that `finish(submodule)` can
+    swap its weights to fp8 on the device first, and only the fp8 weights ever reach host memory."""
+
+    def hook(parent, _name, submodule):
+        if submodule is None or (is_complete is not None and not is_complete(parent, submodule)):
+            return
+        if finish is not None:
+            finish(submodule)
+        to_host(submodule, pin=False)
 
     handle = torch.nn.modules.module.register_module_module_registration_hook(hook)
     try:

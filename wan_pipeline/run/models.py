@@ -122,15 +122,26 @@ def keep_fp32_modules(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def random_transformer(config: dict, device: torch.device, dtype: torch.dtype, seed: int,
-                       in_host: bool = False) -> torch.nn.Module:
-    """A seeded random expert. `in_host`: the same values (drawn on `device`, in the same order), each submodule
-    moved to pinned host memory as soon as it is built (run.memory.built_in_host): an expert that does not fit the
-    device beside its working memory never has to."""
+                       in_host: bool = False, quantize_block=None) -> torch.nn.Module:
+    """A seeded random expert. `in_host`: the same values (drawn on `device`, in the same order), each transformer
+    block and each top-level part moved to pinned host memory as soon as it is whole (run.memory.built_in_host): an
+    expert that does not fit the device beside its working memory never has to. `quantize_block`
+    (precision.block_quantizer) swaps each block to fp8 on the device before it moves, so the host holds the fp8
+    expert only, never its bf16 weights."""
     from diffusers import WanTransformer3DModel
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
 
     if not in_host:
         return keep_fp32_modules(build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed))
-    with built_in_host():
+
+    def is_complete(parent, submodule) -> bool:
+        return isinstance(submodule, WanTransformerBlock) or isinstance(parent, WanTransformer3DModel)
+
+    def finish(submodule) -> None:
+        if quantize_block is not None and isinstance(submodule, WanTransformerBlock):
+            quantize_block(submodule)
+
+    with built_in_host(is_complete, finish):
         model = build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed)
     return to_host(keep_fp32_modules(to_host(model, pin=False)))  # pinned: the fp32 casts made new host tensors
 
@@ -378,6 +389,13 @@ def load_model_set(key: ModelSetKey, *, device: torch.device | None = None, seed
         raise WanBenchError("synthetic mode builds the full A14B experts on a GPU; on a CPU use --mode tiny")
     dtype = compute_dtype(key.precision, device)
     in_host = experts_in_host(key, device, config)
+    if in_host and device.type == "cuda" and key.mode != "tiny":
+        from wan_pipeline.plan.memory import a14b_pinned_expert_bytes
+        from wan_pipeline.run.memory import check_host_room
+
+        fp8 = key.precision in FP8_PRECISIONS
+        check_host_room(len(key.experts) * a14b_pinned_expert_bytes(fp8),
+                        f"{len(key.experts)} A14B experts in {'fp8' if fp8 else '16-bit'} in pinned host memory")
     start = time.perf_counter()
     if key.mode == "real":
         models = _load_real(key, device, dtype, models_dir or key.models_dir, config, in_host)
@@ -409,8 +427,14 @@ def _build_random(key: ModelSetKey, device: torch.device, dtype: torch.dtype, se
     transformer_cfg = TINY_TRANSFORMER if tiny else A14B_TRANSFORMER
     te_cfg = TINY_UMT5 if tiny else UMT5_XXL
     experts = {}
+    quantize_block = None
+    if in_host and device.type == "cuda":  # fp8 blocks swapped on the device as they are built: no bf16 host copy
+        from wan_pipeline.run.precision import block_quantizer
+
+        quantize_block = block_quantizer(key.precision, dtype, device)
     for i, (expert, *_rest) in enumerate(key.experts):
-        experts[expert] = random_transformer(transformer_cfg, device, dtype, seed + 1 + i, in_host=in_host)
+        experts[expert] = random_transformer(transformer_cfg, device, dtype, seed + 1 + i, in_host=in_host,
+                                             quantize_block=quantize_block)
     text_encoder = random_text_encoder(te_cfg, device, dtype, seed + 101)
     vae = random_vae(TINY_VAE if tiny else WAN21_VAE, device, dtype, seed + 201)
     what = "a few-layer configuration of the A14B classes" if tiny else "the full A14B architecture"

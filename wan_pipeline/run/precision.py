@@ -194,6 +194,27 @@ def _swap_for_fp8(root: nn.Module, name: str, dtype: torch.dtype, matmul: bool, 
             Fp8Linear(wq, scale, bias, dtype, matmul, getattr(linear, "input_scale", None), fast_accum))
 
 
+def block_quantizer(precision: str, dtype: torch.dtype, run_on: torch.device):
+    """The function that swaps one transformer block's Linear layers for Fp8Linear in `precision` (returns how many
+    it swapped), or None when `precision` keeps the weights as they are. A block is swapped on the device it is on:
+    a host build hands each block to it while the block is still on the device, so no full-precision copy of the
+    expert ever has to sit in host memory."""
+    if precision not in FP8_PRECISIONS:
+        return None
+    matmul = precision in FP8_MATMUL_PRECISIONS
+    fast_accum = precision == "fp8-scaled-mm-fast"
+    if matmul:
+        check_fp8_matmul(run_on, precision)
+
+    def quantize(block: nn.Module) -> int:
+        names = [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]
+        for name in names:
+            _swap_for_fp8(block, name, dtype, matmul, fast_accum)
+        return len(names)
+
+    return quantize
+
+
 def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
                     run_on: torch.device | None = None, stage_on: torch.device | None = None) -> list[str]:
     """Swap the transformer blocks' Linear layers for Fp8Linear when an fp8 mode is asked for.
@@ -202,34 +223,32 @@ def apply_precision(transformer: nn.Module, precision: str, dtype: torch.dtype,
     `run_on` is the device the model will run on (it may be parked in CPU memory now). `stage_on`: a model kept in
     host memory is quantized there one block at a time (the block comes to that device, is swapped, goes back to
     pinned host memory), so the values are those of an on-device quantization and the device holds one block.
+    Blocks already swapped (a host build quantizes each block as it is built) are left as they are and counted.
     Returns notes for the result record.
     """
     if precision not in FP8_PRECISIONS:
         return []
-    matmul = precision in FP8_MATMUL_PRECISIONS
-    fast_accum = precision == "fp8-scaled-mm-fast"
     device = next(transformer.parameters()).device
-    if matmul:
-        check_fp8_matmul(run_on or device, precision)
+    quantize = block_quantizer(precision, dtype, run_on or device)
     blocks = getattr(transformer, "blocks", None)
     if blocks is None:
         raise WanBenchError(f"precision {precision}: {type(transformer).__name__} has no transformer blocks")
-    swapped = 0
     for block in blocks:
+        if not any(isinstance(m, nn.Linear) for m in block.modules()):
+            continue  # swapped already
         if stage_on is not None:
             block.to(stage_on)
-        for name in [n for n, m in block.named_modules() if isinstance(m, nn.Linear)]:
-            _swap_for_fp8(block, name, dtype, matmul, fast_accum)
-            swapped += 1
+        quantize(block)
         if stage_on is not None:
             from wan_pipeline.run.memory import to_host
 
             to_host(block)
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    swapped = sum(isinstance(m, Fp8Linear) for m in blocks.modules())
     kind = "fp8 storage upcast per layer"
-    if matmul:
-        kind = "fp8 x fp8 torch._scaled_mm" + (" with fast accumulation" if fast_accum else "")
+    if precision in FP8_MATMUL_PRECISIONS:
+        kind = "fp8 x fp8 torch._scaled_mm" + (" with fast accumulation" if precision == "fp8-scaled-mm-fast" else "")
     return [f"precision {precision}: {swapped} block Linear layers as {kind}"]
 
 
