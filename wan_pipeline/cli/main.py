@@ -29,7 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 
 DESCRIPTION = ("Benchmark the Wan 2.2 image-to-video A14B two-pass pipeline (ComfyUI's KSamplerAdvanced pair) and "
-               "judge its history: plan, run, compare, trend, report, results, metrics.")
+               "judge its history: plan, run, compare, trend, report, results, budgets, metrics, crosscheck.")
 EXAMPLES = """examples:
   wan-bench plan --preset seed-832x1216-49f              the sigmas, hand-over and shapes (no model needed)
   wan-bench run --preset seed-832x1216-49f --out out/    one generation: video and JSON record
