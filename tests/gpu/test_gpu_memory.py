@@ -98,21 +98,23 @@ def test_staged_fp8_quantization_matches_the_on_device_one(cuda):
 
 def test_a_host_build_quantized_block_by_block_matches_the_on_device_build_quantized(cuda):
     """What a capped synthetic run builds: each block swapped to fp8 on the device as it is built, then moved to
-    pinned host memory, bitwise the on-device build quantized afterwards; the device held about one bf16 block."""
+    pinned host memory, bitwise the on-device build quantized afterwards. The device held one bf16 block and the
+    float32 temporaries of quantizing its largest weight, well under the eight-block expert."""
     from wan_pipeline.run.precision import apply_precision, block_quantizer
 
+    config = dict(A14B_TRANSFORMER, num_layers=8)
     torch.cuda.synchronize(cuda)
     torch.cuda.reset_peak_memory_stats(cuda)
     base = torch.cuda.memory_allocated(cuda)
-    hosted = random_transformer(SMALL_A14B, cuda, torch.bfloat16, seed=6, in_host=True,
+    hosted = random_transformer(config, cuda, torch.bfloat16, seed=6, in_host=True,
                                 quantize_block=block_quantizer("fp8-scaled-mm-fast", torch.bfloat16, cuda))
     host_peak = torch.cuda.max_memory_allocated(cuda) - base
     assert all(t.device.type == "cpu" and t.is_pinned() for t in _tensors(hosted))
-    plain = random_transformer(SMALL_A14B, cuda, torch.bfloat16, seed=6)
+    plain = random_transformer(config, cuda, torch.bfloat16, seed=6)
     block = sum(t.numel() * t.element_size() for t in plain.blocks[0].parameters())
     apply_precision(plain, "fp8-scaled-mm-fast", torch.bfloat16, run_on=cuda)
     _assert_same(_state(hosted), _state(plain), "quantized while building vs after")
-    assert host_peak < 2 * block
+    assert host_peak < 3 * block, (host_peak, block)
 
 
 @torch.no_grad()
