@@ -83,7 +83,10 @@ def run_crosscheck(args: argparse.Namespace) -> int:
 
 def server_side(url: str, workflow: str, seed: int, out: Path) -> dict:
     """One warm-up (another seed: the loads and encodes, cached afterwards as on a user's install) and the timed
-    generation at `seed`, with the final latent saved by the server's SaveLatent node and fetched."""
+    generation at `seed`, with the final latent saved by the server's SaveLatent node and fetched; then the server
+    unloads its models (`/free`), so that wan-bench's side finds the card as free as the server did."""
+    import time
+
     from safetensors.numpy import load as load_safetensors
 
     from wan_pipeline.fsutil import atomic_write_bytes
@@ -110,6 +113,9 @@ def server_side(url: str, workflow: str, seed: int, out: Path) -> dict:
         raise ComfyServerError(f"{url}: the saved latent {item['filename']} could not be read ({exc})") from None
     if "latent_tensor" not in tensors:
         raise ComfyServerError(f"{url}: {item['filename']} holds no 'latent_tensor' (keys {sorted(tensors)})")
+    # the card goes to wan-bench's side next: a server on it would otherwise keep both experts loaded
+    session.client.free()
+    time.sleep(1.0)  # the server's worker applies /free when it wakes for it
     stages: dict[str, float] = {}
     for node, seconds in execution.node_seconds.items():
         stage = stages_of.get(node, "other")
