@@ -69,6 +69,9 @@ class ComponentBytes:
     vae: int
     expert_block: int  # the largest transformer block (the unit streaming moves)
     expert_fixed: int  # an expert's bytes outside its blocks (embeddings, head), on the device while it runs
+    # the text encoder while it is built or loaded: 16-bit, before its block weights go to fp8 storage (0 for sizes
+    # measured after loading)
+    text_encoder_load: int = 0
 
     @property
     def largest_expert(self) -> int:
@@ -100,7 +103,8 @@ def a14b_component_bytes(fp8: bool, experts: int = 2) -> ComponentBytes:
     expert = stored(A14B_EXPERT_ELEMENTS, A14B_EXPERT_FP8_ELEMENTS, A14B_EXPERT_FP32_ELEMENTS)
     block = stored(A14B_BLOCK_ELEMENTS, A14B_BLOCK_FP8_ELEMENTS, A14B_BLOCK_FP32_ELEMENTS)
     return ComponentBytes(experts=(expert,) * experts, text_encoder=stored(UMT5_XXL_ELEMENTS, UMT5_XXL_FP8_ELEMENTS),
-                          vae=WAN21_VAE_ELEMENTS * 2, expert_block=block, expert_fixed=expert - A14B_BLOCKS * block)
+                          vae=WAN21_VAE_ELEMENTS * 2, expert_block=block, expert_fixed=expert - A14B_BLOCKS * block,
+                          text_encoder_load=UMT5_XXL_ELEMENTS * 2)
 
 
 # Each block Linear weight of the A14B experts: 8 of dim x dim (self- and cross-attention q, k, v, out) and the two
@@ -126,6 +130,7 @@ def a14b_pinned_expert_bytes(fp8: bool) -> int:
 # ------------------------------------------------------------------------------------------------ working memory
 
 MARGIN = 3 * GiB  # allocator slack and the text encoder's activations
+LOAD_SLACK = 1 * GiB  # while loading: the fp8 swap's float32 temporaries and allocator slack
 
 
 @dataclass(frozen=True)
@@ -155,7 +160,7 @@ def working_memory_bytes(tokens: int, width: int, height: int, inner_dim: int = 
     return working_memory(tokens, width, height, inner_dim, vae_bands).peak
 
 
-MEMORY_STAGES = ("text_encode", "vae", "pass")
+MEMORY_STAGES = ("load", "text_encode", "vae", "pass")
 
 
 def stage_needs(sizes: ComponentBytes, working: Working) -> dict[str, dict[str, int]]:
@@ -167,16 +172,21 @@ def stage_needs(sizes: ComponentBytes, working: Working) -> dict[str, dict[str, 
       alone with the VAE for the text stage;
     - stream-expert: the experts stay in pinned host memory and run block by block (two blocks on the device, the
       one running and the one prefetched, plus the expert's embeddings and head while it runs).
+
+    The load stage is the text encoder built or loaded at 16 bits before its fp8 storage, beside the VAE and the
+    experts the policy keeps on the device (built or loaded before it).
     """
     experts, vae, te, one = sum(sizes.experts), sizes.vae, sizes.text_encoder, sizes.largest_expert
+    te_load = max(sizes.text_encoder_load, te) if sizes.text_encoder_load else 0
     streamed = sizes.expert_fixed + STREAM_GROUPS_ON_DEVICE * sizes.expert_block
     weights = {  # policy -> stage -> weights on the device
-        "resident": dict.fromkeys(MEMORY_STAGES, experts + te + vae),
-        "offload-text-encoder": {"text_encode": experts + te + vae, "vae": experts + vae, "pass": experts + vae},
-        "offload-idle-expert": {"text_encode": te + vae, "vae": one + vae, "pass": one + vae},
-        "stream-expert": {"text_encode": te + vae, "vae": vae, "pass": streamed + vae},
+        "resident": dict(dict.fromkeys(MEMORY_STAGES, experts + te + vae), load=experts + te_load + vae),
+        "offload-text-encoder": {"load": experts + te_load + vae, "text_encode": experts + te + vae,
+                                 "vae": experts + vae, "pass": experts + vae},
+        "offload-idle-expert": {"load": te_load + vae, "text_encode": te + vae, "vae": one + vae, "pass": one + vae},
+        "stream-expert": {"load": te_load + vae, "text_encode": te + vae, "vae": vae, "pass": streamed + vae},
     }
-    extra = {"text_encode": working.text, "vae": working.vae, "pass": working.transformer}
+    extra = {"load": LOAD_SLACK, "text_encode": working.text, "vae": working.vae, "pass": working.transformer}
     return {policy: {stage: w + extra[stage] for stage, w in stages.items()} for policy, stages in weights.items()}
 
 
