@@ -91,14 +91,13 @@ def server_side(url: str, workflow: str, seed: int, out: Path) -> dict:
 
     from wan_pipeline.fsutil import atomic_write_bytes
     from wan_pipeline.plan.comfy.api import node_stages, prompt_variant, with_saved_latent
-    from wan_pipeline.run.comfyui.case import ServerSession, comfy_cases
+    from wan_pipeline.run.comfyui.case import ServerSession, comfy_cases, stage_seconds
     from wan_pipeline.run.comfyui.client import ComfyClient, ComfyServerError
 
     session = ServerSession(ComfyClient(url))
     fingerprint = session.fingerprint()
     case = comfy_cases(workflow, session.object_info)[0]
     prompt, latent_node = with_saved_latent(session.prompt_for(case), workflow)
-    stages_of = node_stages(prompt)
     session.client.run(prompt_variant(prompt, seed=seed + 1, source=workflow))
     execution = session.client.run(prompt_variant(prompt, seed=seed, source=workflow))
     saved = (session.client.history(execution.prompt_id).get("outputs") or {}).get(latent_node, {}).get("latents")
@@ -116,10 +115,7 @@ def server_side(url: str, workflow: str, seed: int, out: Path) -> dict:
     # the card goes to wan-bench's side next: a server on it would otherwise keep both experts loaded
     session.client.free()
     time.sleep(1.0)  # the server's worker applies /free when it wakes for it
-    stages: dict[str, float] = {}
-    for node, seconds in execution.node_seconds.items():
-        stage = stages_of.get(node, "other")
-        stages[stage] = round(stages.get(stage, 0.0) + seconds, 6)
+    stages = {k: round(v, 6) for k, v in stage_seconds(execution, node_stages(prompt)).items()}
     return {"url": url, "version": fingerprint.get("version"), "launch_flags": fingerprint.get("launch_flags"),
             "seconds": round(execution.total_seconds, 6), "stages": stages,
             "cached_nodes": sorted(execution.cached, key=lambda n: (len(n), n)), "latent_file": str(target),

@@ -174,6 +174,15 @@ class ServerSession:
         return prompt_variant(self._prompts[case.workflow], length=case.length, cfg=case.cfg, source=case.workflow)
 
 
+def stage_seconds(execution: Execution, stages_of: dict[str, str]) -> dict[str, float]:
+    """One execution's seconds per suite stage: its nodes' seconds summed by the stage each node maps onto."""
+    out: dict[str, float] = {}
+    for node, seconds in execution.node_seconds.items():
+        stage = stages_of.get(node, "other")
+        out[stage] = out.get(stage, 0.0) + seconds
+    return out
+
+
 @dataclass
 class ComfyCaseRun:
     """A case's warm-up and rounds on the server, and the record they make (the in-process backend's keys)."""
@@ -242,11 +251,7 @@ class ComfyCaseRun:
     # -- the record ----------------------------------------------------------------------------------------------
 
     def stage_seconds(self, execution: Execution) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for node, seconds in execution.node_seconds.items():
-            stage = self.stages_of.get(node, "other")
-            out[stage] = out.get(stage, 0.0) + seconds
-        return out
+        return stage_seconds(execution, self.stages_of)
 
     @property
     def stage_medians(self) -> dict[str, float]:
