@@ -121,9 +121,17 @@ class ComfyClient:
         except ComfyServerError:
             pass
 
-    def history(self, prompt_id: str) -> dict:
-        data = self._json(f"/history/{urllib.parse.quote(prompt_id)}")
-        return data.get(prompt_id, {}) if isinstance(data, dict) else {}
+    def history(self, prompt_id: str, wait: float = 10.0) -> dict:
+        """The prompt's history entry (its outputs and status). The server sends `execution_success` before its
+        worker files the entry, so a fetch right after a run waits up to `wait` seconds for it to appear; {} if it
+        never does."""
+        deadline = time.monotonic() + wait
+        while True:
+            data = self._json(f"/history/{urllib.parse.quote(prompt_id)}")
+            entry = data.get(prompt_id) if isinstance(data, dict) else None
+            if entry or time.monotonic() >= deadline:
+                return entry or {}
+            time.sleep(0.05)
 
     def view(self, filename: str, subfolder: str = "", kind: str = "output") -> bytes:
         query = urllib.parse.urlencode({"filename": filename, "subfolder": subfolder, "type": kind})
