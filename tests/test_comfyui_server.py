@@ -375,3 +375,14 @@ def test_crosscheck_runs_the_workflow_on_both_sides_and_the_latents_agree(starte
     warmup = load_file(saved[-2])["latent_tensor"]
     ours = load_file(record["wan_bench"]["latent_file"])["latent_tensor"]
     assert latent_agreement(warmup, ours)["cosine"] < 0.99
+
+    # bad input: one line naming what is wrong, no traceback, nothing loaded
+    for extra, message in ((["--comfyui", f"http://127.0.0.1:{free_port()}", "--models", str(base / "models")],
+                            "is unreachable"),
+                           (["--comfyui", server.url], "--models DIR"),
+                           (["--comfyui", server.url, "--models", str(base / "models"), "--attention", "nope"],
+                            "invalid choice: 'nope'")):
+        bad = subprocess.run([sys.executable, "-m", "wan_pipeline", "crosscheck", "--workflow", str(workflow), *extra],
+                             env={k: v for k, v in _env().items() if k != "WAN_MODELS_DIR"}, capture_output=True,
+                             text=True, timeout=300)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr[-2000:]

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from wan_pipeline.errors import WanBenchError
+from wan_pipeline.plan.config import ATTENTION_BACKENDS, PRECISIONS, seed_value
 
 COMMON_STAGES = ("text_encode", "image_encode", "pass1", "pass2", "decode")
 
@@ -24,12 +25,12 @@ def configure_crosscheck_parser(p: argparse.ArgumentParser) -> None:
                    help="the workflow both sides run (UI or API format, the Wan 2.2 i2v two-pass graph)")
     p.add_argument("--models", metavar="DIR", default=os.environ.get("WAN_MODELS_DIR"),
                    help="the ComfyUI models folder with the files the server loads (default: $WAN_MODELS_DIR)")
-    p.add_argument("--seed", type=int, default=None, help="noise seed of the timed generation (default: the "
-                                                         "workflow's)")
-    p.add_argument("--attention", default=None, help="wan-bench's attention backend (default: the workflow's, sdpa "
-                                                     "as ComfyUI without --use-sage-attention)")
-    p.add_argument("--precision", default=None, help="wan-bench's precision (default: auto, what ComfyUI does with "
-                                                     "these files on this device)")
+    p.add_argument("--seed", type=seed_value, default=None,
+                   help="noise seed of the timed generation, 0 to 2**64-1 as in ComfyUI (default: the workflow's)")
+    p.add_argument("--attention", choices=ATTENTION_BACKENDS, default=None,
+                   help="wan-bench's attention backend (default: sdpa, as ComfyUI without --use-sage-attention)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="wan-bench's precision (default: auto, what ComfyUI does with these files on this device)")
     p.add_argument("--out", metavar="DIR", default="wan-bench-out", help="where the record and both latents go")
 
 
@@ -124,15 +125,15 @@ def server_side(url: str, workflow: str, seed: int, out: Path) -> dict:
 
 def wan_bench_side(config, models_dir: str, out: Path) -> dict:
     """wan-bench's pipeline in real mode on the same files: one warm-up generation, then the timed one."""
-    import numpy as np
+    from wan_pipeline.plan.config import default_allocator_settings
+
+    default_allocator_settings()  # before torch is imported, as `wan-bench run` does
     import torch
     from safetensors.torch import save as save_safetensors
 
     from wan_pipeline.fsutil import atomic_write_bytes
-    from wan_pipeline.plan.config import default_allocator_settings
     from wan_pipeline.run.pipeline import generate, prepare
 
-    default_allocator_settings()
     plan, prepared = prepare(config, "real", models_dir)
     generate(prepared, plan)
     gen = generate(prepared, plan)
@@ -143,7 +144,7 @@ def wan_bench_side(config, models_dir: str, out: Path) -> dict:
     return {"mode": "real", "precision": plan.config.precision, "attention": prepared.kernel.backend,
             "device": str(prepared.models.device), "seconds": round(gen.total_seconds, 6),
             "stages": {k: round(v, 6) for k, v in gen.seconds.items()}, "latent_file": str(target),
-            "latent": np.asarray(latent.numpy())}
+            "latent": latent.numpy()}
 
 
 def format_crosscheck(record: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from pathlib import Path
 
 import torch
 
@@ -102,11 +103,11 @@ def host_available_bytes() -> int:
     import psutil
 
     available = psutil.virtual_memory().available
+    cgroup = Path("/sys/fs/cgroup")
     try:
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        limit = (cgroup / "memory.max").read_text().strip()
         if limit != "max":
-            used = int(open("/sys/fs/cgroup/memory.current").read().strip())
-            available = min(available, int(limit) - used)
+            available = min(available, int(limit) - int((cgroup / "memory.current").read_text()))
     except (OSError, ValueError):
         pass
     return max(int(available), 0)
@@ -126,7 +127,7 @@ def check_host_room(needed: int, what: str, available: int | None = None) -> Non
 def built_in_host(is_complete=None, finish=None):
     """Modules constructed inside go to pinned host memory as they are built. The random draws happen where and in
     the order they would in an on-device build, so the values are the same, and the device holds little more than
-    one submodule at a time. The caller moves the top module's own tensors with `to_host` afterwards.
+    one complete submodule at a time. The caller moves the top module's own tensors with `to_host` afterwards.
 
     A submodule moves when it is attached to its parent and `is_complete(parent, submodule)` says it is finished
     (every submodule, without it): a transformer block waits until it is whole, so that `finish(submodule)` can
