@@ -313,6 +313,38 @@ def test_a_host_build_moves_each_submodule_only_once_its_seeded_init_is_final(mo
         assert torch.equal(a, b), name
 
 
+def test_a_host_build_moves_each_block_before_the_next_one_is_built(monkeypatch):
+    """The device holds one block at a time: block i moves as soon as block i+1 begins, not when the block list is
+    attached to the model (diffusers builds the whole list first, so that would keep every block on the device
+    until the end: a 24 GB cap ran out of memory building one A14B expert that way)."""
+    import wan_pipeline.run.memory as memory
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+    from wan_pipeline.run.models import TINY_TRANSFORMER, random_transformer
+
+    config = dict(TINY_TRANSFORMER, num_layers=4)
+    built, moves = [], []  # blocks begun, and how many had begun at each block's move
+
+    def note_block(parent, _name, submodule):
+        if isinstance(parent, WanTransformerBlock) and parent not in built:
+            built.append(parent)
+
+    real_to_host = memory.to_host
+
+    def recording(module, pin=True):
+        if isinstance(module, WanTransformerBlock):
+            moves.append((built.index(module), len(built)))
+        return real_to_host(module, pin)
+
+    monkeypatch.setattr(memory, "to_host", recording)
+    handle = torch.nn.modules.module.register_module_module_registration_hook(note_block)
+    try:
+        random_transformer(config, torch.device("cpu"), torch.float32, seed=8, in_host=True)
+    finally:
+        handle.remove()
+    assert [index for index, _ in moves] == [0, 1, 2, 3]  # each block once, in order
+    assert all(begun <= index + 2 for index, begun in moves), moves  # at most the next block had begun
+
+
 def test_a_host_build_swaps_each_block_to_fp8_before_it_moves_and_equals_an_on_device_quantization(monkeypatch):
     """With a block quantizer, each transformer block is swapped to fp8 while it is still where it was built and
     reaches host memory as fp8 only (no full-precision copy of the expert in host memory); the result is bitwise the

@@ -124,21 +124,44 @@ def check_host_room(needed: int, what: str, available: int | None = None) -> Non
 
 
 @contextlib.contextmanager
-def built_in_host(is_complete=None, finish=None):
+def built_in_host(unit: type | None = None, top: type | None = None, finish=None):
     """Modules constructed inside go to pinned host memory as they are built. The random draws happen where and in
     the order they would in an on-device build, so the values are the same, and the device holds little more than
     one complete submodule at a time. The caller moves the top module's own tensors with `to_host` afterwards.
 
-    A submodule moves when it is attached to its parent and `is_complete(parent, submodule)` says it is finished
-    (every submodule, without it): a transformer block waits until it is whole, so that `finish(submodule)` can
-    swap its weights to fp8 on the device first, and only the fp8 weights ever reach host memory."""
+    Without `unit`, every submodule moves when it is attached to its parent. With it, an instance of `unit` (a
+    transformer block) moves whole, once it is finished: when the next one starts being built (its first child is
+    attached to it; a block list is built in full before it attaches its blocks, so waiting for the attach would
+    keep every block on the device) or when it is attached, whichever comes first; `finish(unit)` runs on the
+    device first (the fp8 swap, so only fp8 weights ever reach host memory). Other parts move when attached to a
+    `top` module."""
+    finished = set()
+    building = []  # the unit under construction
+
+    def complete(module) -> None:
+        if module in finished:
+            return
+        finished.add(module)
+        if finish is not None:
+            finish(module)
+        to_host(module, pin=False)
 
     def hook(parent, _name, submodule):
-        if submodule is None or (is_complete is not None and not is_complete(parent, submodule)):
+        if submodule is None:
             return
-        if finish is not None:
-            finish(submodule)
-        to_host(submodule, pin=False)
+        if unit is None:
+            to_host(submodule, pin=False)
+            return
+        if isinstance(parent, unit) and not (building and building[-1] is parent):
+            if building:
+                complete(building.pop())  # the next unit has begun: the last one is whole
+            building.append(parent)
+        if isinstance(submodule, unit):
+            complete(submodule)
+            if building and building[-1] is submodule:
+                building.pop()
+        elif top is not None and isinstance(parent, top):
+            to_host(submodule, pin=False)
 
     handle = torch.nn.modules.module.register_module_module_registration_hook(hook)
     try:
