@@ -104,6 +104,26 @@ def test_what_each_policy_needs_for_a14b_fp8_at_832x1216():
     assert stages["load"] == sizes.text_encoder_load + sizes.vae + GiB and sizes.text_encoder_load == 6_731_059_200 * 2
 
 
+def test_the_measured_sizes_keep_the_load_stage_of_an_encoder_already_stored_as_fp8():
+    """A loaded model set's sizes come from its tensors; its text encoder, in fp8 by then, was built or loaded at 16
+    bits, and the smallest cap a run records must include that load (it once read the post-load figure only)."""
+    from wan_pipeline.run.memory import component_bytes
+    from wan_pipeline.run.models import TINY_TRANSFORMER, TINY_UMT5, random_text_encoder, random_transformer
+
+    cpu = torch.device("cpu")
+    encoder = random_text_encoder(TINY_UMT5, cpu, torch.bfloat16, seed=1)
+    elements = sum(p.numel() for p in encoder.parameters())
+    expert = random_transformer(TINY_TRANSFORMER, cpu, torch.bfloat16, seed=2)
+    vae = torch.nn.Linear(4, 4)
+    assert component_bytes({"high": expert}, encoder, vae).text_encoder_load == 2 * elements
+    for p in encoder.parameters():  # now stored as fp8: half the bytes, the same 16-bit load
+        p.data = p.data.to(torch.float8_e4m3fn)
+    sizes = component_bytes({"high": expert}, encoder, vae)
+    assert sizes.text_encoder == elements and sizes.text_encoder_load == 2 * elements
+    load = stage_needs(sizes, working_memory(30, 48, 80))["stream-expert"]["load"]
+    assert load == 2 * elements + sizes.vae + GiB
+
+
 @pytest.mark.parametrize("preset, cap, policy, bands", [
     ("seed-832x1216-49f", None, "resident", 1),  # an H200, uncapped
     ("seed-832x1216-49f", 24 * GB, "stream-expert", 1),  # one expert + VAE + working memory: 24.37 GB at 4 bands

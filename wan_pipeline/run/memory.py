@@ -58,7 +58,8 @@ def tensor_bytes(module: torch.nn.Module) -> int:
 
 
 def component_bytes(experts: dict, text_encoder: torch.nn.Module, vae: torch.nn.Module) -> ComponentBytes:
-    """The measured bytes the planner reads: each expert, its largest block and what lies outside its blocks."""
+    """The measured bytes the planner reads: each expert, its largest block and what lies outside its blocks, and
+    the text encoder's 16-bit size (it is built or loaded at 16 bits before any fp8 storage: the load stage)."""
     sizes = [tensor_bytes(m) for m in experts.values()]
     block = fixed = 0
     for m in experts.values():
@@ -66,7 +67,9 @@ def component_bytes(experts: dict, text_encoder: torch.nn.Module, vae: torch.nn.
         block = max([block, *blocks])
         fixed = max(fixed, tensor_bytes(m) - sum(blocks))
     return ComponentBytes(experts=tuple(sizes), text_encoder=tensor_bytes(text_encoder), vae=tensor_bytes(vae),
-                          expert_block=block, expert_fixed=fixed)
+                          expert_block=block, expert_fixed=fixed,
+                          text_encoder_load=2 * sum(t.numel() for _, t in _tensors(text_encoder)
+                                                    if t.is_floating_point()))
 
 
 # ---------------------------------------------------------------------------------------------------- host memory
