@@ -53,3 +53,19 @@ def test_wan_bench_loads_every_file(models):
 def test_the_script_refuses_an_unknown_size(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--size", "huge"])
+
+
+@pytest.mark.parametrize("device, says", [("gpu", "not a torch device"), ("mps", "expected cpu or a CUDA device")])
+def test_the_script_refuses_a_device_it_cannot_draw_on(tmp_path, capsys, device, says):
+    assert main([str(tmp_path), "--size", "tiny", "--device", device]) == 2
+    assert says in capsys.readouterr().err
+    assert not any(tmp_path.rglob("*.safetensors"))  # refused before any file was written
+
+
+def test_without_a_gpu_the_cuda_device_is_refused_with_what_to_use(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible here")
+    assert main([str(tmp_path), "--size", "tiny", "--device", "cuda"]) == 2
+    assert "no CUDA device is visible here; use --device cpu" in capsys.readouterr().err

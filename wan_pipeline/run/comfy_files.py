@@ -7,10 +7,12 @@ and alpha on every block Linear), ``text_encoders/`` (UMT5 in ComfyUI's umt5 lay
 ``spiece_model`` tokenizer tensor) and ``vae/`` (the Wan 2.1 VAE, bf16), under the template's file names.
 
 ``full`` is the real architecture (A14B experts, UMT5-XXL, the Wan 2.1 VAE): about 14.3 GB per expert, 6.7 GB of
-text encoder, 0.25 GB of VAE and 1.2 GB of LoRAs. ``tiny`` shrinks the experts to what ComfyUI still detects as
+text encoder, 0.25 GB of VAE and 1.2 GB of LoRAs. The values are drawn on ``--device`` (a CUDA device draws the
+full set in seconds where a CPU takes minutes; each device draws its own values for a seed, every file is seeded
+random data either way). ``tiny`` shrinks the experts to what ComfyUI still detects as
 Wan (2 heads of 128, 2 layers) and the text encoder; the VAE keeps the Wan 2.1 width, the one ComfyUI builds.
 
-    python -m wan_pipeline.run.comfy_files MODELS_DIR [--size full|tiny] [--seed N]
+    python -m wan_pipeline.run.comfy_files MODELS_DIR [--size full|tiny] [--seed N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -85,7 +87,31 @@ def _shapes(factory) -> dict[str, torch.Size]:
 
 
 def _random(shape, g: torch.Generator, std: float) -> torch.Tensor:
-    return (torch.randn(shape, generator=g, dtype=torch.float32) * std).to(torch.bfloat16)
+    return (torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) * std).to(torch.bfloat16)
+
+
+def _generator(seed: int, device: str) -> torch.Generator:
+    return torch.Generator(device).manual_seed(seed)
+
+
+def _on_host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
+
+
+def draw_device(name: str) -> str:
+    """The device the values are drawn on, checked: a usage error where it does not exist here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise WanBenchError(f"--device {name!r}: not a torch device (cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise WanBenchError(f"--device {name}: no CUDA device is visible here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise WanBenchError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise WanBenchError(f"--device {name}: expected cpu or a CUDA device")
+    return str(device)
 
 
 def _to_fp8_scaled(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +119,13 @@ def _to_fp8_scaled(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (value.float() / scale).to(FP8), scale.float()
 
 
-def expert_tensors(config: dict, seed: int, std: float = 0.02, marker_elements: int = 2) -> dict[str, torch.Tensor]:
+def _fp8_scaled_on_host(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    weight, scale = _to_fp8_scaled(value)
+    return weight.to("cpu"), scale.to("cpu")
+
+
+def expert_tensors(config: dict, seed: int, std: float = 0.02, marker_elements: int = 2,
+                   device: str = "cpu") -> dict[str, torch.Tensor]:
     """One Wan 2.2 i2v expert in ComfyUI's fp8_scaled layout (original names, ``model.diffusion_model.``)."""
     from diffusers import WanTransformer3DModel
 
@@ -105,7 +137,7 @@ def expert_tensors(config: dict, seed: int, std: float = 0.02, marker_elements: 
     missing = [k for k in shapes if k not in original]
     if missing:
         raise WanBenchError(f"no original Wan name for {missing[:3]}")
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(seed, device)
     out: dict[str, torch.Tensor] = {}
     for dname, shape in shapes.items():
         name = original[dname]
@@ -113,16 +145,16 @@ def expert_tensors(config: dict, seed: int, std: float = 0.02, marker_elements: 
             and not name.endswith("norm_k.weight") else torch.ones(shape, dtype=torch.bfloat16)
         layer = name[: -len(".weight")]
         if name.endswith(".weight") and len(shape) == 2 and _BLOCK_LINEAR.fullmatch(layer):
-            out[name], out[layer + ".scale_weight"] = _to_fp8_scaled(value)
+            out[name], out[layer + ".scale_weight"] = _fp8_scaled_on_host(value)
         else:
-            out[name] = value
+            out[name] = value.to("cpu")
     out["scaled_fp8"] = torch.empty(marker_elements, dtype=FP8)
     return {f"model.diffusion_model.{k}": v.contiguous() for k, v in out.items()}
 
 
-def lora_tensors(config: dict, rank: int, seed: int, std: float = 0.01) -> dict[str, torch.Tensor]:
+def lora_tensors(config: dict, rank: int, seed: int, std: float = 0.01, device: str = "cpu") -> dict[str, torch.Tensor]:
     """A lightx2v-style LoRA: lora_up/lora_down (bf16) and alpha on every block Linear."""
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(seed, device)
     dim = config["num_attention_heads"] * config["attention_head_dim"]
     out = {}
     for i in range(config["num_layers"]):
@@ -132,7 +164,7 @@ def lora_tensors(config: dict, rank: int, seed: int, std: float = 0.01) -> dict[
             out[f"diffusion_model.{layer}.lora_up.weight"] = _random((out_f, rank), g, std)
             out[f"diffusion_model.{layer}.lora_down.weight"] = _random((rank, in_f), g, std)
             out[f"diffusion_model.{layer}.alpha"] = torch.tensor(float(rank))
-    return out
+    return _on_host(out)
 
 
 def spiece_model(vocab_size: int = 256) -> bytes:
@@ -150,14 +182,14 @@ def spiece_model(vocab_size: int = 256) -> bytes:
     return buf.getvalue()
 
 
-def umt5_tensors(config: dict, seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
+def umt5_tensors(config: dict, seed: int, std: float = 0.02, device: str = "cpu") -> dict[str, torch.Tensor]:
     """UMT5 encoder in ComfyUI's umt5 layout, fp8_e4m3fn_scaled (every 2-D weight but the embedding in fp8 with a
     per-tensor scale, the ``scaled_fp8`` marker), with the ``spiece_model`` tensor."""
     import numpy as np
     from transformers import UMT5Config, UMT5EncoderModel
 
     shapes = _shapes(lambda: UMT5EncoderModel(UMT5Config(**config)))
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(seed, device)
     out: dict[str, torch.Tensor] = {}
     for name, shape in shapes.items():
         if name == "encoder.embed_tokens.weight":  # tied to shared.weight
@@ -167,27 +199,28 @@ def umt5_tensors(config: dict, seed: int, std: float = 0.02) -> dict[str, torch.
             continue
         value = _random(shape, g, std if "relative_attention_bias" not in name else 0.1)
         if len(shape) == 2 and name != "shared.weight" and "relative_attention_bias" not in name:
-            out[name], out[name[: -len(".weight")] + ".scale_weight"] = _to_fp8_scaled(value)
+            out[name], out[name[: -len(".weight")] + ".scale_weight"] = _fp8_scaled_on_host(value)
         else:
-            out[name] = value
+            out[name] = value.to("cpu")
     out["scaled_fp8"] = torch.empty(0, dtype=FP8)
     out["spiece_model"] = torch.from_numpy(np.frombuffer(spiece_model(), dtype=np.uint8).copy())
     return out
 
 
-def vae_tensors(seed: int, std: float = 0.02) -> dict[str, torch.Tensor]:
+def vae_tensors(seed: int, std: float = 0.02, device: str = "cpu") -> dict[str, torch.Tensor]:
     """The Wan 2.1 VAE (the width ComfyUI builds whatever the file holds), original names, bf16."""
     from diffusers import AutoencoderKLWan
 
     shapes = _shapes(lambda: AutoencoderKLWan())
-    g = torch.Generator().manual_seed(seed)
-    return {wan_vae_original_name(k): (torch.ones(s, dtype=torch.bfloat16) if k.endswith("gamma")
-                                       else _random(s, g, std if len(s) >= 2 else 0.01)).contiguous()
-            for k, s in shapes.items()}
+    g = _generator(seed, device)
+    return _on_host({wan_vae_original_name(k): (torch.ones(s, dtype=torch.bfloat16) if k.endswith("gamma")
+                                                else _random(s, g, std if len(s) >= 2 else 0.01))
+                     for k, s in shapes.items()})
 
 
-def write_comfyui_models(root, size: str = "full", seed: int = 0, log=None) -> dict[str, Path]:
-    """Write the model set into ``root`` (ComfyUI's models folder layout); returns {file name: path}."""
+def write_comfyui_models(root, size: str = "full", seed: int = 0, log=None, device: str = "cpu") -> dict[str, Path]:
+    """Write the model set into ``root`` (ComfyUI's models folder layout), drawn on `device`; returns
+    {file name: path}."""
     from safetensors.torch import save_file
 
     from wan_pipeline.fsutil import atomic_target
@@ -196,14 +229,15 @@ def write_comfyui_models(root, size: str = "full", seed: int = 0, log=None) -> d
     if size not in SIZES:
         raise WanBenchError(f"size {size!r}: expected one of {', '.join(SIZES)}")
     root = Path(root)
+    device = draw_device(device)
     expert = A14B_TRANSFORMER if size == "full" else dict(A14B_TRANSFORMER, **TINY_COMFY_EXPERT)
     umt5 = UMT5_XXL if size == "full" else dict(TINY_UMT5, d_model=TINY_COMFY_UMT5_WIDTH)
-    jobs = [("diffusion_models", HIGH_NOISE_MODEL, lambda: expert_tensors(expert, seed)),
-            ("diffusion_models", LOW_NOISE_MODEL, lambda: expert_tensors(expert, seed + 1)),
-            ("loras", HIGH_NOISE_LORA, lambda: lora_tensors(expert, LORA_RANK[size], seed + 2)),
-            ("loras", LOW_NOISE_LORA, lambda: lora_tensors(expert, LORA_RANK[size], seed + 3)),
-            ("text_encoders", TEXT_ENCODER, lambda: umt5_tensors(umt5, seed + 4)),
-            ("vae", VAE_FILE, lambda: vae_tensors(seed + 5))]
+    jobs = [("diffusion_models", HIGH_NOISE_MODEL, lambda: expert_tensors(expert, seed, device=device)),
+            ("diffusion_models", LOW_NOISE_MODEL, lambda: expert_tensors(expert, seed + 1, device=device)),
+            ("loras", HIGH_NOISE_LORA, lambda: lora_tensors(expert, LORA_RANK[size], seed + 2, device=device)),
+            ("loras", LOW_NOISE_LORA, lambda: lora_tensors(expert, LORA_RANK[size], seed + 3, device=device)),
+            ("text_encoders", TEXT_ENCODER, lambda: umt5_tensors(umt5, seed + 4, device=device)),
+            ("vae", VAE_FILE, lambda: vae_tensors(seed + 5, device=device))]
     written = {}
     for folder, name, build in jobs:
         start = time.perf_counter()
@@ -224,9 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models_dir", help="ComfyUI models folder to write into (diffusion_models/, loras/, ...)")
     p.add_argument("--size", choices=SIZES, default="full")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the values are drawn: cpu (default) or cuda (seconds "
+                                                   "instead of minutes for the full set)")
     args = p.parse_args(argv)
     try:
-        write_comfyui_models(args.models_dir, args.size, args.seed, log=print)
+        write_comfyui_models(args.models_dir, args.size, args.seed, log=print, device=args.device)
     except WanBenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
