@@ -105,6 +105,22 @@ def test_rows_carry_configuration_and_measurements(results_dir):
     # the requested kernel and the one that ran, when they differ
     assert (fwd.attention, fwd.compile, fwd.cosine, fwd.peak_memory_bytes) == ("sdpa: flash", "off", 0.999834, None)
     assert (stock.attention, stock.compile, stock.effective_tflops) == ("diffusers default (native SDPA)", "", None)
+    assert gen.memory_cap == stock.memory_cap == ""  # uncapped
+
+
+@pytest.mark.parametrize("cap, memory, shown", [
+    (24 * 10**9, {"policy": "stream-expert"}, "24GB: stream-expert"),
+    (16 * 2**30, {"policy": "offload-idle-expert"}, "16GiB: offload-idle-expert"),
+    (24 * 10**9, None, "24GB"),
+    (None, {"policy": "resident", "cap_bytes": None}, ""),
+])
+def test_a_capped_run_shows_its_cap_and_residency(tmp_path, cap, memory, shown):
+    info = {"mode": "synthetic", "memory_cap_bytes": cap, **({"memory": memory} if memory else {})}
+    path = _file(tmp_path / "capped.json", [_bench("test_generation[x]", info, [2.0, 2.1, 1.9])])
+    (row,) = load_results([path]).rows
+    assert row.memory_cap == shown
+    line = next(x for x in render_results(load_results([path])).splitlines() if "test_generation[x]" in x)
+    assert f"| {shown} | 2.00 |" in line
 
 
 def test_each_file_names_date_gpu_driver_versions_and_commit(results_dir, tmp_path):
@@ -127,7 +143,8 @@ def test_table_markdown(results_dir, tmp_path):
     text = render_results(load_results([results_dir], relative_to=tmp_path), "wan-bench results docs/results")
     lines = text.splitlines()
     header = lines[0]
-    assert header.startswith("| benchmark | preset | mode | precision | attention | compile | median s | CV |")
+    assert header.startswith("| benchmark | preset | mode | precision | attention | compile | memory cap | median s | "
+                             "CV |")
     gen_line = next(line for line in lines if "test_generation[" in line)
     cv = statistics.stdev(GEN_ROUNDS) / statistics.fmean(GEN_ROUNDS) * 100
     assert f"| {statistics.median(GEN_ROUNDS):.2f} | {cv:.2f} % | 853 | 43.8 GiB |  | 1 |" in gen_line

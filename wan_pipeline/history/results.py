@@ -2,8 +2,8 @@
 
 A measured figure is worth quoting only with what it was measured on, so the figures a user reads live in one
 table that a command writes from stored benchmark files, never by hand. Each row is one benchmark of one file: its
-configuration (preset, mode, precision, attention, compile), median seconds, CV, effective TFLOP/s, peak memory and
-the cosine to bf16 SDPA where the benchmark recorded one. A second table names each file with its date, GPU,
+configuration (preset, mode, precision, attention, compile, the memory cap and residency of a capped run), median
+seconds, CV, effective TFLOP/s, peak memory and the cosine to bf16 SDPA where the benchmark recorded one. A second table names each file with its date, GPU,
 driver, torch and diffusers versions and commit.
 
 `update_results(markdown, sources)` rewrites the block between the two markers of a markdown file atomically;
@@ -21,6 +21,7 @@ from typing import Iterable
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.fsutil import atomic_write_bytes
 from wan_pipeline.history.runs import HistoryFileError, Run, is_number, load_run
+from wan_pipeline.plan.memory import cap_label
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -54,6 +55,7 @@ class ResultRow:
     precision: str
     attention: str
     compile: str
+    memory_cap: str  # "24GB: stream-expert" (the cap and the residency it ran with), "" uncapped
     median_s: float
     cv: float | None  # stddev / mean of the rounds (pytest-benchmark's sample standard deviation)
     effective_tflops: float | None
@@ -145,6 +147,20 @@ def _number(value) -> float | None:
     return float(value) if is_number(value) else None
 
 
+def _memory_cap(info: dict) -> str:
+    """The cap a run emulated (a smaller card's memory on this card's compute) and the residency it chose."""
+    cap = info.get("memory_cap_bytes")
+    if not is_number(cap) or cap <= 0:
+        return ""
+    label = cap_label(int(cap))
+    for unit, shown in (("gib", "GiB"), ("gb", "GB"), ("mib", "MiB"), ("mb", "MB"), ("b", " B")):
+        if label.endswith(unit):
+            label = label[: -len(unit)] + shown
+            break
+    policy = (info.get("memory") or {}).get("policy") if isinstance(info.get("memory"), dict) else None
+    return f"{label}: {policy}" if policy else label
+
+
 def benchmark_row(bench: dict, run_index: int) -> ResultRow:
     """One row from one benchmark of a pytest-benchmark file (already checked by load_run)."""
     info = bench.get("extra_info") or {}
@@ -161,6 +177,7 @@ def benchmark_row(bench: dict, run_index: int) -> ResultRow:
         precision=_text(info.get("precision")),
         attention=_attention(info),
         compile=_compile(info),
+        memory_cap=_memory_cap(info),
         median_s=float(stats["median"]),
         cv=cv,
         effective_tflops=_number(info.get("effective_tflops")),
@@ -205,6 +222,7 @@ def format_row(row: ResultRow) -> list[str]:
     return [
         f"`{_cell(row.benchmark)}`", _cell(row.preset), _cell(row.mode), _cell(row.precision), _cell(row.attention),
         row.compile,
+        _cell(row.memory_cap),
         format_seconds(row.median_s),
         "" if row.cv is None or not math.isfinite(row.cv) else f"{row.cv * 100:.2f} %",
         "" if row.effective_tflops is None else f"{row.effective_tflops:.0f}" if row.effective_tflops >= 100
@@ -215,7 +233,7 @@ def format_row(row: ResultRow) -> list[str]:
     ]
 
 
-_ROW_HEADER = ["benchmark", "preset", "mode", "precision", "attention", "compile", "median s", "CV",
+_ROW_HEADER = ["benchmark", "preset", "mode", "precision", "attention", "compile", "memory cap", "median s", "CV",
                "effective TFLOP/s", "peak memory (torch)", "cosine vs bf16 SDPA", "run"]
 _RUN_HEADER = ["run", "file", "date", "GPU", "driver", "torch", "diffusers", "commit"]
 
