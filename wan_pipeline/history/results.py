@@ -3,8 +3,8 @@
 A measured figure is worth quoting only with what it was measured on, so the figures a user reads live in one
 table that a command writes from stored benchmark files, never by hand. Each row is one benchmark of one file: its
 configuration (preset, mode, precision, attention, compile, the memory cap and residency of a capped run), median
-seconds, CV, effective TFLOP/s, peak memory and the cosine to bf16 SDPA where the benchmark recorded one. A second table names each file with its date, GPU,
-driver, torch and diffusers versions and commit.
+seconds, CV, effective TFLOP/s, peak memory and the cosine to bf16 SDPA where the benchmark recorded one. A second
+table names each file with its date, GPU, driver, torch and diffusers versions and commit.
 
 `update_results(markdown, sources)` rewrites the block between the two markers of a markdown file atomically;
 everything outside the markers is left as it was. Reads files only: no torch import.
@@ -21,7 +21,7 @@ from typing import Iterable
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.fsutil import atomic_write_bytes
 from wan_pipeline.history.runs import HistoryFileError, Run, is_number, load_run
-from wan_pipeline.plan.memory import cap_label
+from wan_pipeline.plan.memory import cap_name
 
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
@@ -152,13 +152,9 @@ def _memory_cap(info: dict) -> str:
     cap = info.get("memory_cap_bytes")
     if not is_number(cap) or cap <= 0:
         return ""
-    label = cap_label(int(cap))
-    for unit, shown in (("gib", "GiB"), ("gb", "GB"), ("mib", "MiB"), ("mb", "MB"), ("b", " B")):
-        if label.endswith(unit):
-            label = label[: -len(unit)] + shown
-            break
-    policy = (info.get("memory") or {}).get("policy") if isinstance(info.get("memory"), dict) else None
-    return f"{label}: {policy}" if policy else label
+    memory = info.get("memory")
+    policy = memory.get("policy") if isinstance(memory, dict) else None
+    return f"{cap_name(int(cap))}: {policy}" if policy else cap_name(int(cap))
 
 
 def benchmark_row(bench: dict, run_index: int) -> ResultRow:

@@ -47,14 +47,19 @@ def format_bytes(n: int | float) -> str:
     return f"{n / GB:.2f} GB ({n / GiB:.2f} GiB)"
 
 
-def cap_label(cap: int | None) -> str:
-    """A cap in the shortest exact unit, for folder names: ``24gb``, ``16gib``; "" for no cap."""
+def cap_name(cap: int | None) -> str:
+    """A cap in the shortest exact unit, as a user writes it: ``24GB``, ``16GiB``; "" for no cap."""
     if cap is None:
         return ""
-    for unit, size in (("gib", GiB), ("gb", GB), ("mib", 2**20), ("mb", 10**6)):
+    for unit, size in (("GiB", GiB), ("GB", GB), ("MiB", 2**20), ("MB", 10**6)):
         if cap % size == 0:
             return f"{cap // size}{unit}"
-    return f"{cap}b"
+    return f"{cap}B"
+
+
+def cap_label(cap: int | None) -> str:
+    """A cap for folder names: ``24gb``, ``16gib``; "" for no cap."""
+    return cap_name(cap).lower()
 
 
 # ------------------------------------------------------------------------------------------ what the models weigh

@@ -8,8 +8,8 @@ and alpha on every block Linear), ``text_encoders/`` (UMT5 in ComfyUI's umt5 lay
 
 ``full`` is the real architecture (A14B experts, UMT5-XXL, the Wan 2.1 VAE): about 14.3 GB per expert, 6.7 GB of
 text encoder, 0.25 GB of VAE and 1.2 GB of LoRAs. The values are drawn on ``--device`` (a CUDA device draws the
-full set in seconds where a CPU takes minutes; each device draws its own values for a seed, every file is seeded
-random data either way). ``tiny`` shrinks the experts to what ComfyUI still detects as
+full set far faster than a CPU; each device draws its own values for a seed, every file is seeded random data
+either way), each tensor moved to the host as it is drawn, so the device never holds a whole expert. ``tiny`` shrinks the experts to what ComfyUI still detects as
 Wan (2 heads of 128, 2 layers) and the text encoder; the VAE keeps the Wan 2.1 width, the one ComfyUI builds.
 
     python -m wan_pipeline.run.comfy_files MODELS_DIR [--size full|tiny] [--seed N] [--device cuda]
@@ -258,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("models_dir", help="ComfyUI models folder to write into (diffusion_models/, loras/, ...)")
     p.add_argument("--size", choices=SIZES, default="full")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="where the values are drawn: cpu (default) or cuda (seconds "
-                                                   "instead of minutes for the full set)")
+    p.add_argument("--device", default="cpu", help="where the values are drawn: cpu (default) or cuda (far faster "
+                                                   "for the full set)")
     args = p.parse_args(argv)
     try:
         write_comfyui_models(args.models_dir, args.size, args.seed, log=print, device=args.device)

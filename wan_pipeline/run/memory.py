@@ -127,43 +127,37 @@ def check_host_room(needed: int, what: str, available: int | None = None) -> Non
 
 
 @contextlib.contextmanager
-def built_in_host(unit: type | None = None, top: type | None = None, finish=None):
+def built_in_host(unit: type, top: type, finish=None):
     """Modules constructed inside go to pinned host memory as they are built. The random draws happen where and in
     the order they would in an on-device build, so the values are the same, and the device holds little more than
-    one complete submodule at a time. The caller moves the top module's own tensors with `to_host` afterwards.
+    one `unit` (a transformer block) at a time. The caller moves the top module's own tensors with `to_host`
+    afterwards.
 
-    Without `unit`, every submodule moves when it is attached to its parent. With it, an instance of `unit` (a
-    transformer block) moves whole, once it is finished: when the next one starts being built (its first child is
-    attached to it; a block list is built in full before it attaches its blocks, so waiting for the attach would
-    keep every block on the device) or when it is attached, whichever comes first; `finish(unit)` runs on the
-    device first (the fp8 swap, so only fp8 weights ever reach host memory). Other parts move when attached to a
-    `top` module."""
-    finished = set()
-    building = []  # the unit under construction
+    A unit moves whole once it is finished: when the next one starts being built (its first child is attached to
+    it; a block list is built in full before it attaches its blocks, so waiting for the attach would keep every
+    block on the device) or when it is attached, whichever comes first; `finish(unit)` runs on the device first
+    (the fp8 swap, so only fp8 weights ever reach host memory). Other parts move when attached to a `top` module."""
+    current = None  # the unit being built
+    done = set()
 
     def complete(module) -> None:
-        if module in finished:
-            return
-        finished.add(module)
-        if finish is not None:
-            finish(module)
-        to_host(module, pin=False)
+        if module not in done:
+            done.add(module)
+            if finish is not None:
+                finish(module)
+            to_host(module, pin=False)
 
     def hook(parent, _name, submodule):
+        nonlocal current
         if submodule is None:
             return
-        if unit is None:
-            to_host(submodule, pin=False)
-            return
-        if isinstance(parent, unit) and not (building and building[-1] is parent):
-            if building:
-                complete(building.pop())  # the next unit has begun: the last one is whole
-            building.append(parent)
+        if isinstance(parent, unit) and parent is not current:
+            if current is not None:
+                complete(current)  # the next unit has begun: the last one is whole
+            current = parent
         if isinstance(submodule, unit):
             complete(submodule)
-            if building and building[-1] is submodule:
-                building.pop()
-        elif top is not None and isinstance(parent, top):
+        elif isinstance(parent, top):
             to_host(submodule, pin=False)
 
     handle = torch.nn.modules.module.register_module_module_registration_hook(hook)

@@ -134,11 +134,7 @@ def random_transformer(config: dict, device: torch.device, dtype: torch.dtype, s
     if not in_host:
         return keep_fp32_modules(build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed))
 
-    def finish(block) -> None:
-        if quantize_block is not None:
-            quantize_block(block)
-
-    with built_in_host(unit=WanTransformerBlock, top=WanTransformer3DModel, finish=finish):
+    with built_in_host(unit=WanTransformerBlock, top=WanTransformer3DModel, finish=quantize_block):
         model = build_on_device(lambda: WanTransformer3DModel(**config), device, dtype, seed)
     return to_host(keep_fp32_modules(to_host(model, pin=False)))  # pinned: the fp32 casts made new host tensors
 
