@@ -106,6 +106,27 @@ def test_the_stored_h200_run_reproduces_the_packaged_h200_budget():
     assert made.notes == [f"using run {H200_FILE} (2026-12-02T07:48:01, NVIDIA H200)"]
 
 
+
+def test_every_packaged_budget_made_from_a_stored_run_is_what_that_run_makes():
+    """A packaged entry whose source names a file in docs/results/ is that file's `wan-bench budgets` output: its
+    keys, its seconds (median x 1.15) and its source, so a budget can always be traced to, and remade from, a run."""
+    results = ROOT / "docs" / "results"
+    stored = {path.name: path for path in results.glob("*.json")}
+    traced = 0
+    for packaged in load_budgets(DEFAULT_BUDGETS).budgets:
+        named = [name for name in stored if packaged.source.endswith(f" in docs/results/{name}")]
+        if not named:
+            continue
+        made = make_budgets(stored[named[0]])
+        keys = (packaged.gpu, packaged.preset, packaged.mode, packaged.precision, packaged.attention,
+                packaged.compile)
+        [entry] = [e for e in made.entries
+                   if (e.gpu, e.preset, e.mode, e.precision, e.attention, e.compile) == keys]
+        source = entry.source.replace(str(stored[named[0]]), f"docs/results/{named[0]}")  # made with the full path
+        assert (entry.seconds, source) == (packaged.seconds, packaged.source), named[0]
+        traced += 1
+    assert traced >= 4  # the H200's 49-frame (compile on and off), 81-frame and 161-frame entries
+
 def test_the_command_prints_toml_without_out(capsys):
     assert main(["budgets", "--from", str(H200_FILE), "--headroom", "0.1"]) == 0
     out, err = capsys.readouterr()
