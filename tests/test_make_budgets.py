@@ -106,7 +106,6 @@ def test_the_stored_h200_run_reproduces_the_packaged_h200_budget():
     assert made.notes == [f"using run {H200_FILE} (2026-12-02T07:48:01, NVIDIA H200)"]
 
 
-
 def test_every_packaged_budget_made_from_a_stored_run_is_what_that_run_makes():
     """A packaged entry whose source names a file in docs/results/ is that file's `wan-bench budgets` output: its
     keys, its seconds (median x 1.15) and its source, so a budget can always be traced to, and remade from, a run."""
@@ -126,6 +125,7 @@ def test_every_packaged_budget_made_from_a_stored_run_is_what_that_run_makes():
         assert (entry.seconds, source) == (packaged.seconds, packaged.source), named[0]
         traced += 1
     assert traced >= 4  # the H200's 49-frame (compile on and off), 81-frame and 161-frame entries
+
 
 def test_the_command_prints_toml_without_out(capsys):
     assert main(["budgets", "--from", str(H200_FILE), "--headroom", "0.1"]) == 0
