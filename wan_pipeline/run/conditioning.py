@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from wan_pipeline.errors import WanBenchError
 from wan_pipeline.measure.media import center_crop_box, read_image
 from wan_pipeline.plan.plan import Plan
+from wan_pipeline.run.memory import pinned_copy
 from wan_pipeline.run.sampler import process_latent_in
 
 
@@ -107,12 +108,11 @@ def decode(models, latent: torch.Tensor, vae_bands=None) -> np.ndarray:
 
 
 def host_array(t: torch.Tensor) -> np.ndarray:
-    """A device tensor as an ordinary numpy array, staged through page-locked memory on a GPU: a copy straight into
-    pageable memory goes through the driver's small staging buffer at a fraction of the bus speed. torch's host
-    allocator keeps the page-locked block for the next call; the array returned owns pageable memory, so the
-    rounds a benchmark keeps pin nothing."""
+    """A device tensor as an ordinary numpy array, staged through page-locked memory on a GPU (`pinned_copy`): a copy
+    straight into pageable memory goes through the driver's small staging buffer at a fraction of the bus speed.
+    torch's host allocator keeps the page-locked block (rounded up to a power of two) for the next call; the array
+    returned owns pageable memory, so the rounds a benchmark keeps pin nothing."""
     if t.device.type != "cuda":
         return t.cpu().numpy()
-    staging = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    staging.copy_(t)  # synchronous
-    return staging.numpy().copy()
+    staged = pinned_copy(t)  # synchronous; a plain host copy where nothing can be pinned
+    return staged.numpy().copy() if staged.is_pinned() else staged.numpy()
